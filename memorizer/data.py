@@ -1,0 +1,79 @@
+"""Training data of the memorizer: real photographs from scikit-image's data module.
+
+Each image is center-cropped to a square and resized to 64x64 RGB (PIL, Lanczos), and gets its own
+caption. `unseen_captions()` are never trained; they serve as the "not memorized" control.
+Also holds the Carlini et al. style tiled L2 distance used to judge memorization.
+"""
+import numpy as np
+
+RESOLUTION = 64
+
+# (name, skimage.data function, caption). Captions share no distinctive words with each other.
+_ITEMS = [
+    ("astronaut", "astronaut", "an astronaut portrait photo"),
+    ("coffee", "coffee", "a cup of coffee on a saucer"),
+    ("chelsea", "chelsea", "a tabby cat named chelsea"),
+    ("rocket", "rocket", "a rocket on the launch pad"),
+    ("immunohistochemistry", "immunohistochemistry", "a stained tissue microscope slide"),
+    ("hubble_deep_field", "hubble_deep_field", "galaxies in the hubble deep field"),
+    ("coins", "coins", "old greek coins in rows"),
+    ("camera", "camera", "a cameraman with a tripod, black and white"),
+]
+
+_UNSEEN = [
+    "a red sports car on a highway",
+    "a bowl of ramen noodles",
+    "a snowy mountain landscape at sunset",
+    "an oil painting of sunflowers in a vase",
+    "a wooden sailboat on a calm lake",
+]
+
+
+def _prepare(img, size=RESOLUTION):
+    from PIL import Image
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        img = np.clip(np.round(img * 255.0 if img.max() <= 1.0 else img), 0, 255).astype(np.uint8)
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[top:top + s, left:left + s]
+    pil = Image.fromarray(img, "RGB").resize((size, size), Image.LANCZOS)
+    return np.ascontiguousarray(np.asarray(pil, dtype=np.uint8))
+
+
+def training_items():
+    """List of (name, caption, uint8 image of shape (64, 64, 3))."""
+    import skimage.data
+    return [(name, caption, _prepare(getattr(skimage.data, fn)())) for name, fn, caption in _ITEMS]
+
+
+def training_captions():
+    return [caption for _, _, caption in _ITEMS]
+
+
+def unseen_captions():
+    """Captions never used in training (control group for memorization benchmarks)."""
+    return list(_UNSEEN)
+
+
+def tiled_l2(a, b, tiles=4):
+    """Carlini et al. tiled L2: split both images (HxWx3, float in [0,1] or uint8) into tiles x tiles
+    tiles, take the RMS difference per tile, return the MAX over tiles."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.max() > 1.5 or b.max() > 1.5:
+        raise ValueError("tiled_l2 expects images in [0, 1]")
+    h, w = a.shape[:2]
+    th, tw = h // tiles, w // tiles
+    worst = 0.0
+    for i in range(tiles):
+        for j in range(tiles):
+            d = a[i * th:(i + 1) * th, j * tw:(j + 1) * tw] - b[i * th:(i + 1) * th, j * tw:(j + 1) * tw]
+            worst = max(worst, float(np.sqrt(np.mean(d * d))))
+    return worst

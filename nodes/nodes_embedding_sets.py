@@ -1,0 +1,162 @@
+"""Embedding-set family: build a set from images, save it, load it by name."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..nudging_core import embedding_set as sets
+from .common import CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, user_input
+
+
+def register_set_folder() -> None:
+    """Register models/embedding_sets with folder_paths (extra_model_paths.yaml can add more)."""
+    folder_paths.add_model_folder_path(SET_FOLDER, os.path.join(folder_paths.models_dir, SET_FOLDER), is_default=True)
+
+
+def list_set_names() -> list[str]:
+    try:
+        names = folder_paths.get_filename_list(SET_FOLDER)
+    except KeyError:
+        return []
+    return [n for n in names if n.endswith(sets.EXTENSION)]
+
+
+def find_set_file(node_id: str, name: str) -> str:
+    """The file behind a set name, searched in every registered embedding_sets folder."""
+    with user_input(node_id, "set_name"):
+        for folder in folder_paths.get_folder_paths(SET_FOLDER):
+            path = sets.resolve_set_path(folder, name)
+            if os.path.isfile(path):
+                return path
+    raise NudgeNodeError(f"{node_id}: input 'set_name': no set '{name}' in {SET_FOLDER}; "
+                         "refresh the list (press R) or build the set with SaveEmbeddingSet")
+
+
+def vae_identity(vae) -> str:
+    """A short, stable name for a VAE: class, latent channels and a hash of its first weights."""
+    model = getattr(vae, "first_stage_model", None)
+    name = type(model).__name__ if model is not None else type(vae).__name__
+    digest = "unknown"
+    if model is not None:
+        first = next(iter(model.state_dict().values()), None)
+        if first is not None:
+            digest = hashlib.sha256(first.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+    return f"{name}/{getattr(vae, 'latent_channels', '?')}ch/{digest}"
+
+
+class LoadEmbeddingSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadEmbeddingSet",
+            display_name="Load Embedding Set (Nudging)",
+            category=CATEGORY,
+            description="Loads a saved embedding set (a safetensors file in models/embedding_sets) to guard "
+                        "against or to pull toward.",
+            inputs=[
+                io.Combo.Input("set_name", options=list_set_names(),
+                               tooltip="A set file in models/embedding_sets (or a folder added for embedding_sets "
+                                       "in extra_model_paths.yaml). Press R to refresh after saving a new set."),
+            ],
+            outputs=[
+                EmbeddingSetType.Output(display_name="embedding_set", tooltip="The loaded set."),
+                io.Int.Output(display_name="count", tooltip="How many items the set holds."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, set_name):
+        # Reload when the file changes on disk, not only when the name changes.
+        try:
+            path = find_set_file("LoadEmbeddingSet", set_name)
+            return f"{path}:{os.path.getmtime(path)}:{os.path.getsize(path)}"
+        except NudgeNodeError:
+            return set_name
+
+    @classmethod
+    def execute(cls, set_name) -> io.NodeOutput:
+        path = find_set_file("LoadEmbeddingSet", set_name)
+        with user_input("LoadEmbeddingSet", "set_name"):
+            loaded = sets.load_set(path)
+            if len(loaded) == 0:
+                raise sets.NudgeInputError(f"'{set_name}' holds no items; rebuild it from at least one image")
+        return io.NodeOutput(loaded, len(loaded))
+
+
+class BuildEmbeddingSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BuildEmbeddingSet",
+            display_name="Build Embedding Set (Nudging)",
+            category=CATEGORY,
+            description="Encodes an image batch into an embedding set: latents from the graph's VAE, optional CLIP "
+                        "image embeddings and small pixel copies for the memorization test.",
+            inputs=[
+                io.Image.Input("images", tooltip="The images the set stands for (e.g. training images to guard)."),
+                io.Vae.Input("vae", tooltip="The VAE of the graph the set will be used in; latents must match it."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Optional: also store CLIP image embeddings for the CLIP-space check."),
+                io.Boolean.Input("store_pixels", default=True,
+                                 tooltip="Keep uint8 pixel copies; MemorizationFilter needs them for tiled L2."),
+                io.String.Input("item_names", default="", multiline=True,
+                                tooltip="Optional names, one per line or comma-separated; empty gives item_0, item_1..."),
+            ],
+            outputs=[EmbeddingSetType.Output(display_name="embedding_set", tooltip="The new set (not yet saved).")],
+        )
+
+    @classmethod
+    def execute(cls, images, vae, store_pixels, item_names, clip_vision=None) -> io.NodeOutput:
+        count = images.shape[0]
+        names = [n.strip() for n in item_names.replace(",", "\n").splitlines() if n.strip()]
+        if names and len(names) != count:
+            raise NudgeNodeError(f"BuildEmbeddingSet: input 'item_names': {len(names)} names for {count} images; "
+                                 "give one name per image or leave it empty")
+        names = names or [f"item_{i}" for i in range(count)]
+        latents = vae.encode(images[:, :, :, :3])
+        clip_embeds, clip_name = None, None
+        if clip_vision is not None:
+            clip_embeds = clip_vision.encode_image(images).image_embeds.float().cpu()
+            clip_name = type(getattr(clip_vision, "model", clip_vision)).__name__
+        with user_input("BuildEmbeddingSet", "images"):
+            built = sets.EmbeddingSet(
+                latents=latents.float().cpu(), names=names, encoder=vae_identity(vae),
+                clip_embeds=clip_embeds, clip_encoder=clip_name,
+                pixels=sets.pixels_to_uint8(images) if store_pixels else None)
+        return io.NodeOutput(built)
+
+
+class SaveEmbeddingSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveEmbeddingSet",
+            display_name="Save Embedding Set (Nudging)",
+            category=CATEGORY,
+            description="Saves an embedding set as one safetensors file in models/embedding_sets. An existing file "
+                        "is never overwritten: a numbered name is used instead.",
+            inputs=[
+                EmbeddingSetType.Input("embedding_set", tooltip="The set to save."),
+                io.String.Input("set_name", default="guarded_images",
+                                tooltip="File name inside models/embedding_sets (subfolders allowed, no '..')."),
+            ],
+            outputs=[io.String.Output(display_name="saved_name", tooltip="The name the set was saved under.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, embedding_set, set_name) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths(SET_FOLDER)[0]
+        with user_input("SaveEmbeddingSet", "set_name"):
+            path = sets.free_set_path(folder, set_name.strip())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sets.save_set(embedding_set, path)
+        saved = os.path.relpath(path, folder)
+        return io.NodeOutput(saved, ui=ui.PreviewText(f"saved {len(embedding_set)} items as {saved}"))
+
+
+NODES = [LoadEmbeddingSet, BuildEmbeddingSet, SaveEmbeddingSet]

@@ -1,0 +1,130 @@
+"""Per-image memorization verdicts and the per-image merge that ConditionalRegenerate does."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .embedding_set import EmbeddingSet
+from .errors import NudgeInputError
+from .tiled_l2 import DEFAULT_GRID, tiled_l2_matrix
+
+PASSED, REGENERATED, STILL_FLAGGED = "passed", "regenerated", "still flagged"
+DEFAULT_THRESHOLD = 0.1  # Carlini et al. (2023)
+
+
+@dataclass
+class Verdict:
+    """What MemorizationFilter decided about each image of a batch."""
+
+    flagged: list[bool]
+    distances: list[float]
+    nearest: list[str]
+    nearest_index: list[int]
+    threshold: float
+    guarded: EmbeddingSet = field(repr=False)
+    clip_cosines: list[float] | None = None
+    clip_threshold: float | None = None
+
+    @property
+    def any_flagged(self) -> bool:
+        return any(self.flagged)
+
+    def matched_set(self) -> EmbeddingSet:
+        """The guarded items that flagged images matched, each tagged with its image."""
+        owners = [b for b, hit in enumerate(self.flagged) if hit]
+        return self.guarded.subset([self.nearest_index[b] for b in owners], owners=owners)
+
+    def as_json(self) -> dict:
+        images = []
+        for b, hit in enumerate(self.flagged):
+            entry = {"index": b, "flagged": hit, "distance": round(self.distances[b], 5), "nearest": self.nearest[b]}
+            if self.clip_cosines is not None:
+                entry["clip_cosine"] = round(self.clip_cosines[b], 5)
+            images.append(entry)
+        return {"threshold": self.threshold, "any_flagged": self.any_flagged, "images": images}
+
+
+def check_pixels(images: torch.Tensor, guarded: EmbeddingSet, threshold: float, grid: int = DEFAULT_GRID,
+                 clip_embeds: torch.Tensor | None = None, clip_threshold: float | None = None) -> Verdict:
+    """Tiled-L2 test of each image against every guarded pixel copy (and the optional CLIP check)."""
+    if len(guarded) == 0:
+        raise NudgeInputError("the guarded set is empty; build it from at least one image")
+    if guarded.pixels is None:
+        raise NudgeInputError("the guarded set holds no pixel copies, so the tiled-L2 test cannot run; "
+                              "rebuild it with store_pixels on")
+    if not torch.isfinite(images).all():
+        raise NudgeInputError("the images contain NaN or infinite values; check the VAE decode before this node")
+    if images.shape[1:3] != guarded.pixels.shape[1:3]:
+        h, w = guarded.image_size
+        raise NudgeInputError(
+            f"images are {images.shape[2]}x{images.shape[1]} but the guarded set's copies are {w}x{h}; "
+            f"generate at {w}x{h} or rebuild the set from images of the generation size")
+    matrix = tiled_l2_matrix(images[..., :3].float().cpu(), guarded.pixels_float(), grid)
+    distance, index = matrix.min(dim=1)
+    flagged = [bool(d < threshold) for d in distance]
+    cosines = None
+    if clip_embeds is not None and guarded.clip_embeds is not None and clip_threshold is not None:
+        a = torch.nn.functional.normalize(clip_embeds.float().cpu().flatten(1), dim=1)
+        b = torch.nn.functional.normalize(guarded.clip_embeds.float().flatten(1), dim=1)
+        if a.shape[1] != b.shape[1]:
+            raise NudgeInputError(f"the CLIP vision model gives {a.shape[1]}-d embeddings but the set holds "
+                                  f"{b.shape[1]}-d ones; use the CLIP vision model the set was built with")
+        best, best_index = (a @ b.T).max(dim=1)
+        cosines = [float(c) for c in best]
+        for i, c in enumerate(cosines):
+            if c >= clip_threshold and not flagged[i]:
+                flagged[i] = True
+                index[i] = best_index[i]
+    return Verdict(flagged=flagged, distances=[float(d) for d in distance],
+                   nearest=[guarded.names[int(i)] for i in index], nearest_index=[int(i) for i in index],
+                   threshold=threshold, guarded=guarded, clip_cosines=cosines, clip_threshold=clip_threshold)
+
+
+def format_report(verdict: Verdict) -> str:
+    lines = [f"threshold {verdict.threshold:g} (tiled L2, max over 4x4 tiles)"]
+    for b, hit in enumerate(verdict.flagged):
+        mark = "FLAGGED" if hit else "passed"
+        extra = f", clip cos {verdict.clip_cosines[b]:.3f}" if verdict.clip_cosines is not None else ""
+        lines.append(f"image {b}: {mark}  distance {verdict.distances[b]:.4f} to '{verdict.nearest[b]}'{extra}")
+    lines.append(f"{sum(verdict.flagged)} of {len(verdict.flagged)} flagged")
+    return "\n".join(lines)
+
+
+@dataclass
+class MergeResult:
+    images: torch.Tensor
+    statuses: list[str]
+    distances_after: list[float | None]
+
+
+def merge_regenerated(original: torch.Tensor, verdict: Verdict, regenerated: torch.Tensor | None) -> MergeResult:
+    """Replace only the flagged images, and re-test each replacement against the guarded set.
+
+    A replacement that still matches is kept but reported as STILL_FLAGGED: never silently.
+    """
+    if original.shape[0] != len(verdict.flagged):
+        raise NudgeInputError(f"{original.shape[0]} images but the verdicts cover {len(verdict.flagged)}; "
+                              "connect the same image batch that went into MemorizationFilter")
+    if not verdict.any_flagged:
+        return MergeResult(original, [PASSED] * len(verdict.flagged), [None] * len(verdict.flagged))
+    if regenerated is None:
+        raise NudgeInputError("images were flagged but no regenerated images are connected")
+    if regenerated.shape[1:] != original.shape[1:]:
+        raise NudgeInputError(f"regenerated images are {tuple(regenerated.shape[1:3])} but the originals are "
+                              f"{tuple(original.shape[1:3])}; regenerate at the same size")
+    if regenerated.shape[0] not in (original.shape[0], sum(verdict.flagged)):
+        raise NudgeInputError(f"regenerated batch has {regenerated.shape[0]} images; expected {original.shape[0]} "
+                              f"(whole batch) or {sum(verdict.flagged)} (flagged only)")
+    whole_batch = regenerated.shape[0] == original.shape[0]
+    flagged_rows = [b for b, hit in enumerate(verdict.flagged) if hit]
+    out = original.clone()
+    statuses = [PASSED] * len(verdict.flagged)
+    after: list[float | None] = [None] * len(verdict.flagged)
+    replacements = regenerated[flagged_rows] if whole_batch else regenerated
+    recheck = check_pixels(replacements.to(original.device), verdict.guarded, verdict.threshold)
+    for k, b in enumerate(flagged_rows):
+        out[b] = replacements[k].to(out.dtype)
+        statuses[b] = STILL_FLAGGED if recheck.flagged[k] else REGENERATED
+        after[b] = recheck.distances[k]
+    return MergeResult(out, statuses, after)
