@@ -1,0 +1,105 @@
+"""Regenerates the shipped UI-format workflows from the live node definitions.
+
+Run `make workflows` after changing a node's inputs: widget order in the files then matches
+what the frontend expects, so they keep loading without missing or shifted values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from host.comfy_host import REPO, ComfyHost
+from host.workflow import WorkflowBuilder
+
+CHECKPOINT = "sd-v1-4.ckpt"
+GUARDED_SET = "guarded_images.safetensors"
+STYLE_SET = "style_reference.safetensors"
+PROMPT = "Ann Graham Lotz"   # a caption Carlini et al. extracted from SD 1.4
+
+GUARD_NOTE = (
+    "Memorization guard (SD 1.4). The first KSampler generates; MemorizationFilter compares the image with the "
+    "guarded set (tiled L2 < 0.1 = a copy). Only when it fires does ConditionalRegenerate ask for the lower branch: "
+    "LatentNudge pushes the GENERATED latent away from the matched training image (a memorized prompt returns to "
+    "the same image from any starting noise, so nudging only the initial noise rarely escapes), then the second "
+    "KSampler re-noises it part way (denoise 0.6) and denoises it again. Every replacement is re-tested; one that "
+    "is still a copy is reported as 'still flagged'.")
+
+
+def txt2img(b: WorkflowBuilder, x0: int = 0):
+    ckpt = b.add("CheckpointLoaderSimple", (x0, 0), ckpt_name=CHECKPOINT, size=(315, 98))
+    pos = b.add("CLIPTextEncode", (x0 + 360, 0), title="Prompt", text=PROMPT, clip=(ckpt, 1), size=(400, 150))
+    neg = b.add("CLIPTextEncode", (x0 + 360, 200), title="Negative prompt", text="", clip=(ckpt, 1), size=(400, 150))
+    empty = b.add("EmptyLatentImage", (x0, 200), width=512, height=512, batch_size=1, size=(315, 106))
+    sampler = b.add("KSampler", (x0 + 800, 0), title="Generate", model=(ckpt, 0), positive=(pos, 0),
+                    negative=(neg, 0), latent_image=(empty, 0), seed=42, steps=20, cfg=7.5,
+                    sampler_name="euler", scheduler="normal", denoise=1.0, size=(315, 262))
+    decode = b.add("VAEDecode", (x0 + 1160, 0), samples=(sampler, 0), vae=(ckpt, 2), size=(210, 46))
+    return ckpt, pos, neg, sampler, decode
+
+
+def guard_loop(b: WorkflowBuilder, desired_set_node: int | None = None, alpha: float = 0.0):
+    ckpt, pos, neg, sampler, decode = txt2img(b)
+    guarded = b.add("LoadEmbeddingSet", (800, 320), set_name=GUARDED_SET, size=(315, 82))
+    filt = b.add("MemorizationFilter", (1160, 120), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
+                 size=(340, 190))
+    extra = {} if desired_set_node is None else {"desired_set": (desired_set_node, 0)}
+    nudge = b.add("LatentNudge", (1160, 380), latent=(sampler, 0), undesired_set=(filt, 3), alpha=alpha, beta=1.0,
+                  proximity=0.1, steps=30, learning_rate=0.1, aggregate="max", size=(340, 290), **extra)
+    regen = b.add("KSampler", (1540, 380), title="Regenerate (nudged)", model=(ckpt, 0), positive=(pos, 0),
+                  negative=(neg, 0), latent_image=(nudge, 0), seed=43, steps=20, cfg=7.5, sampler_name="euler",
+                  scheduler="normal", denoise=0.6, size=(315, 262))
+    decode2 = b.add("VAEDecode", (1900, 380), samples=(regen, 0), vae=(ckpt, 2), size=(210, 46))
+    cond = b.add("ConditionalRegenerate", (1540, 0), verdicts=(filt, 0), images=(decode, 0),
+                 regenerated=(decode2, 0), still_flagged_action="report", size=(340, 250))
+    b.add("SaveImage", (1920, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
+    b.note(GUARD_NOTE, (0, 360), size=(760, 170))
+    return cond
+
+
+def memorization_guard(info: dict) -> dict:
+    b = WorkflowBuilder(info)
+    guard_loop(b)
+    return b.workflow()
+
+
+def nudge_toward_style(info: dict) -> dict:
+    b = WorkflowBuilder(info)
+    style = b.add("LoadEmbeddingSet", (800, 700), title="Desired style", set_name=STYLE_SET, size=(315, 82))
+    guard_loop(b, desired_set_node=style, alpha=1.0)
+    b.note("Same loop as memorization_guard.json, but LatentNudge also pulls the regenerated image toward a "
+           "desired set (alpha): build it from a few images in the style to keep with build_embedding_set.json.",
+           (0, 560), size=(760, 110), title="Pull toward a style")
+    return b.workflow()
+
+
+def build_embedding_set(info: dict) -> dict:
+    b = WorkflowBuilder(info)
+    ckpt = b.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT, size=(315, 98))
+    image = b.add("LoadImage", (0, 150), image="guarded_image.png", size=(315, 314))
+    built = b.add("BuildEmbeddingSet", (380, 0), images=(image, 0), vae=(ckpt, 2), store_pixels=True,
+                  item_names="", size=(340, 200))
+    b.add("SaveEmbeddingSet", (780, 0), embedding_set=(built, 0), set_name="guarded_images", size=(315, 82))
+    b.note("Encodes images with the graph's VAE into an embedding set and saves it in models/embedding_sets. "
+           "Use images of the size you generate at (512x512 for SD 1.4); batch several with an image batch node, "
+           "or use `python -m tools.build_embedding_set` for a whole folder.", (380, 260), size=(520, 120))
+    return b.workflow()
+
+
+WORKFLOWS = {"memorization_guard.json": memorization_guard, "nudge_toward_style.json": nudge_toward_style,
+             "build_embedding_set.json": build_embedding_set}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as home, ComfyHost(home) as host:
+        info = host.object_info()
+    for name, make in WORKFLOWS.items():
+        path = os.path.join(REPO, "workflows", name)
+        with open(path, "w") as f:
+            json.dump(make(info), f, indent=1)
+            f.write("\n")
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
