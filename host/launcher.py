@@ -1,41 +1,14 @@
-"""Starts ComfyUI's main.py after making torchvision importable on a CPU-only torch.
-
-PyPI's torchvision wheel is CUDA-linked; on the CPU torch its compiled ops fail to load and
-`import torchvision` dies on the missing `torchvision::nms` schema. SD 1.x never calls those
-ops, so declaring their schemas is enough for ComfyUI to import. Usage:
+"""Starts ComfyUI's main.py after making torchvision importable on a CPU-only torch
+(see comfy_env.py). Usage:
     python host/launcher.py COMFYUI_DIR [main.py arguments...]
 """
 from __future__ import annotations
 
-import glob
 import os
 import runpy
 import sys
 
-import torch
-
-_keep_alive = []
-
-
-def patch_torchvision() -> None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None or not spec.submodule_search_locations:
-            return
-        for lib in glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_C*.so")):
-            try:
-                torch.ops.load_library(lib)
-                return
-            except (OSError, RuntimeError):
-                pass
-        library = torch.library.Library("torchvision", "DEF")
-        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _keep_alive.append(library)
-    except RuntimeError:
-        pass  # already defined: torchvision works
+from comfy_env import patch_torchvision
 
 
 def main() -> None:

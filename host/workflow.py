@@ -150,3 +150,30 @@ class WorkflowBuilder:
     def workflow(self) -> dict:
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def configure_txt2img(prompt: dict, checkpoint_name: str | None = None, resolution: int | None = None,
+                      sampler: dict | None = None, caption: str | None = None, seed: int | None = None,
+                      set_names: dict | None = None) -> dict:
+    """Point a shipped workflow's API prompt at a model: checkpoint, size, sampler, caption, seed.
+
+    The prompt text goes to the CLIPTextEncode titled "Prompt"; the regenerating KSampler
+    (denoise < 1) gets seed + 1. set_names maps a shipped set name to the one to load.
+    """
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple" and checkpoint_name:
+            inputs["ckpt_name"] = checkpoint_name
+        elif kind == "EmptyLatentImage" and resolution:
+            inputs["width"] = inputs["height"] = resolution
+        elif kind == "KSampler":
+            if sampler:
+                inputs.update({k: v for k, v in sampler.items() if k in ("steps", "cfg", "sampler_name", "scheduler")})
+            if seed is not None:
+                inputs["seed"] = seed if float(inputs.get("denoise", 1.0)) >= 1.0 else seed + 1
+        elif kind == "CLIPTextEncode" and caption is not None and node.get("_meta", {}).get("title") == "Prompt":
+            inputs["text"] = caption
+        elif kind == "LoadEmbeddingSet" and set_names and inputs.get("set_name") in set_names:
+            inputs["set_name"] = set_names[inputs["set_name"]]
+    return out

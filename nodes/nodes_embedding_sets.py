@@ -1,7 +1,6 @@
 """Embedding-set family: build a set from images, save it, load it by name."""
 from __future__ import annotations
 
-import hashlib
 import os
 
 import folder_paths
@@ -34,18 +33,6 @@ def find_set_file(node_id: str, name: str) -> str:
                 return path
     raise NudgeNodeError(f"{node_id}: input 'set_name': no set '{name}' in {SET_FOLDER}; "
                          "refresh the list (press R) or build the set with SaveEmbeddingSet")
-
-
-def vae_identity(vae) -> str:
-    """A short, stable name for a VAE: class, latent channels and a hash of its first weights."""
-    model = getattr(vae, "first_stage_model", None)
-    name = type(model).__name__ if model is not None else type(vae).__name__
-    digest = "unknown"
-    if model is not None:
-        first = next(iter(model.state_dict().values()), None)
-        if first is not None:
-            digest = hashlib.sha256(first.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
-    return f"{name}/{getattr(vae, 'latent_channels', '?')}ch/{digest}"
 
 
 class LoadEmbeddingSet(io.ComfyNode):
@@ -124,7 +111,7 @@ class BuildEmbeddingSet(io.ComfyNode):
             clip_name = type(getattr(clip_vision, "model", clip_vision)).__name__
         with user_input("BuildEmbeddingSet", "images"):
             built = sets.EmbeddingSet(
-                latents=latents.float().cpu(), names=names, encoder=vae_identity(vae),
+                latents=latents.float().cpu(), names=names, encoder=sets.encoder_identity(vae),
                 clip_embeds=clip_embeds, clip_encoder=clip_name,
                 pixels=sets.pixels_to_uint8(images) if store_pixels else None)
         return io.NodeOutput(built)

@@ -51,7 +51,7 @@ class LatentNudge(io.ComfyNode):
                                tooltip="Weight of the push away from the undesired set."),
                 io.Float.Input("proximity", default=0.1, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of staying close to the starting latent (mean squared change)."),
-                io.Int.Input("steps", default=30, min=0, max=1000,
+                io.Int.Input("steps", default=30, min=0, max=100000,
                              tooltip="Gradient steps; each is cheap (no UNet pass)."),
                 io.Float.Input("learning_rate", default=0.1, min=0.0, max=10.0, step=0.005,
                                tooltip="Adam step size, in latent units per step."),
@@ -82,10 +82,12 @@ class LatentNudge(io.ComfyNode):
         if owners is not None and max(owners) >= samples.shape[0]:
             owners = None  # matched against another batch: push every image from every item
         progress = comfy.utils.ProgressBar(max(1, steps))
+        report_every = max(1, steps // 100)  # at most ~100 progress messages to the frontend
 
         def on_step(step, _loss):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(step, max(1, steps))
+            if step % report_every == 0 or step == steps:
+                progress.update_absolute(step, max(1, steps))
 
         settings = NudgeSettings(alpha=alpha, beta=beta, proximity=proximity, steps=steps,
                                  learning_rate=learning_rate, aggregate=aggregate)

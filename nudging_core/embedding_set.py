@@ -10,6 +10,7 @@ read: a truncated, foreign or hostile file is refused with a message that says w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -89,6 +90,18 @@ class EmbeddingSet:
 def pixels_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE floats [N, H, W, C] in [0, 1] -> uint8 RGB copies."""
     return (images[..., :3].clamp(0, 1) * 255.0).round().to(torch.uint8).cpu()
+
+
+def encoder_identity(vae) -> str:
+    """A short, stable name for a ComfyUI VAE: model class, latent channels, hash of its first weights."""
+    model = getattr(vae, "first_stage_model", None)
+    name = type(model).__name__ if model is not None else type(vae).__name__
+    digest = "unknown"
+    if model is not None:
+        first = next(iter(model.state_dict().values()), None)
+        if first is not None:
+            digest = hashlib.sha256(first.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+    return f"{name}/{getattr(vae, 'latent_channels', '?')}ch/{digest}"
 
 
 def save_set(embedding_set: EmbeddingSet, path: str) -> None:

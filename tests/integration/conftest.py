@@ -1,0 +1,105 @@
+"""A real ComfyUI server for the whole integration session, with the pack linked in.
+
+The model is the project's own memorizer (built from memorizer/weights in seconds, cached);
+the guarded set is built from its training images with the command-line builder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from host.comfy_host import CACHE, REPO, ComfyHost
+from host.workflow import configure_txt2img, ui_to_api
+from memorizer import data as memorizer_data
+from memorizer.build_checkpoint import ensure_checkpoint
+
+GUARDED = "guarded_images.safetensors"
+STYLE = "style_reference.safetensors"
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> str:
+    return ensure_checkpoint(os.path.join(CACHE, "models"))
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory, checkpoint):
+    home = tmp_path_factory.mktemp("comfy-home")
+    server = ComfyHost(str(home))
+    server.prepare()
+    os.symlink(checkpoint, os.path.join(server.dir("models", "checkpoints"), os.path.basename(checkpoint)))
+    images_dir = server.dir("input", "training")
+    for name, _caption, pixels in memorizer_data.training_items():
+        Image.fromarray(pixels).save(os.path.join(images_dir, f"{name}.png"))
+    first = memorizer_data.training_items()[0]
+    Image.fromarray(first[2]).save(os.path.join(server.dir("input"), "guarded_image.png"))
+    sets_dir = server.dir("models", "embedding_sets")
+    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", images_dir, "--checkpoint", checkpoint,
+                    "--out", os.path.join(sets_dir, GUARDED)], cwd=REPO, check=True)
+    # A "style" to pull toward: two training images other than the guarded prompt's own.
+    style_dir = server.dir("style")
+    for name, _caption, pixels in memorizer_data.training_items()[-2:]:
+        Image.fromarray(pixels).save(os.path.join(style_dir, f"{name}.png"))
+    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", style_dir, "--checkpoint", checkpoint,
+                    "--out", os.path.join(sets_dir, STYLE)], cwd=REPO, check=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(host) -> dict:
+    return host.object_info()
+
+
+def load_workflow(name: str) -> dict:
+    with open(os.path.join(REPO, "workflows", name)) as f:
+        return json.load(f)
+
+
+def configure(prompt: dict, checkpoint: str, caption: str | None = None, seed: int | None = None) -> dict:
+    """Point a shipped workflow at the memorizer: its checkpoint, size and sampler settings."""
+    return configure_txt2img(prompt, os.path.basename(checkpoint), memorizer_data.RESOLUTION,
+                             memorizer_data.SAMPLER_SETTINGS, caption, seed)
+
+
+@pytest.fixture
+def guard_prompt(object_info, checkpoint):
+    def make(caption: str, seed: int, workflow: str = "memorization_guard.json") -> dict:
+        return configure(ui_to_api(load_workflow(workflow), object_info), checkpoint, caption, seed)
+    return make
+
+
+@pytest.fixture
+def fresh_seed():
+    # Identical prompts are answered from cache; every run that must execute gets its own seed.
+    return random.Random().randint(10_000, 2**31)
+
+
+def node_output(entry: dict, prompt: dict, class_type: str) -> dict | None:
+    for nid, node in prompt.items():
+        if node["class_type"] == class_type:
+            return entry["outputs"].get(nid)
+    return None
+
+
+def saved_images(host: ComfyHost, entry: dict) -> list[np.ndarray]:
+    images = []
+    for out in entry["outputs"].values():
+        for item in out.get("images", []):
+            if item.get("type") == "output":
+                path = os.path.join(host.home, "output", item.get("subfolder", ""), item["filename"])
+                images.append(np.asarray(Image.open(path).convert("RGB")))
+    return images
+
+
+def copy_file(src: str, dst: str) -> None:
+    shutil.copyfile(src, dst)

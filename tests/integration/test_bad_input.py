@@ -1,0 +1,154 @@
+"""Bad input: a clear error naming the node and the fix, the server still answering, nothing overwritten."""
+import hashlib
+import json
+import os
+import struct
+import time
+
+import pytest
+import torch
+from conftest import GUARDED
+
+from host.comfy_host import HostError, execution_error
+from nudging_core import embedding_set as sets
+
+
+def sets_dir(host):
+    return os.path.join(host.home, "models", "embedding_sets")
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def run_expecting_error(host, prompt) -> str:
+    """The error text the user sees: a rejected prompt (400) or an execution error."""
+    try:
+        entry = host.run(prompt)
+    except HostError as err:        # newer ComfyUI validates combo values before running
+        message = str(err)
+    else:
+        error = execution_error(entry)
+        assert error is not None, "the prompt was expected to fail"
+        message = f"{error['node_type']}: {error['exception_message']}"
+        assert "Traceback" not in error["exception_message"]
+    assert host.get("/system_stats")["system"], "server stopped answering"
+    return message
+
+
+def with_set(guard_prompt, set_name, caption_index=0, seed=0):
+    from memorizer import data as memorizer_data
+    prompt = guard_prompt(memorizer_data.training_items()[caption_index][1], seed)
+    for node in prompt.values():
+        if node["class_type"] == "LoadEmbeddingSet":
+            node["inputs"]["set_name"] = set_name
+    return prompt
+
+
+def write_bad(host, name, data: bytes):
+    path = os.path.join(sets_dir(host), name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, digest(path)
+
+
+def test_missing_set_file(host, guard_prompt, fresh_seed):
+    message = run_expecting_error(host, with_set(guard_prompt, "no_such_set.safetensors", seed=fresh_seed))
+    assert "LoadEmbeddingSet" in message and "no_such_set" in message
+
+
+def test_truncated_set_file(host, guard_prompt, fresh_seed):
+    good = open(os.path.join(sets_dir(host), GUARDED), "rb").read()
+    path, before = write_bad(host, "truncated.safetensors", good[: len(good) // 3])
+    message = run_expecting_error(host, with_set(guard_prompt, "truncated.safetensors", seed=fresh_seed))
+    assert "LoadEmbeddingSet" in message and "truncated" in message
+    assert digest(path) == before
+
+
+def test_not_a_safetensors_file(host, guard_prompt, fresh_seed):
+    path, before = write_bad(host, "pickled.safetensors", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}q\x00.")
+    message = run_expecting_error(host, with_set(guard_prompt, "pickled.safetensors", seed=fresh_seed))
+    assert "LoadEmbeddingSet" in message and "safetensors" in message
+    assert digest(path) == before
+
+
+def test_hostile_header(host, guard_prompt, fresh_seed):
+    header = json.dumps({"__metadata__": {"format": sets.FORMAT_NAME, "format_version": "1"},
+                         "latents": {"dtype": "F32", "shape": [2**20, 4, 64, 64], "data_offsets": [0, 2**40]}}).encode()
+    path, before = write_bad(host, "hostile.safetensors", struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    message = run_expecting_error(host, with_set(guard_prompt, "hostile.safetensors", seed=fresh_seed))
+    assert "LoadEmbeddingSet" in message and "outside the file" in message
+    assert digest(path) == before
+
+
+@pytest.mark.parametrize("name", ["../../user/comfyui.db", "/etc/passwd"])
+def test_names_outside_the_set_folder(host, guard_prompt, fresh_seed, name):
+    message = run_expecting_error(host, with_set(guard_prompt, name, seed=fresh_seed))
+    assert "set_name" in message
+
+
+def _variant_of_guarded(host, name, **changes):
+    good = sets.load_set(os.path.join(sets_dir(host), GUARDED))
+    for key, value in changes.items():
+        setattr(good, key, value(good) if callable(value) else value)
+    path = os.path.join(sets_dir(host), name)
+    if os.path.exists(path):
+        os.remove(path)
+    sets.save_set(good, path)
+    return path
+
+
+def test_set_with_another_latent_size(host, guard_prompt, fresh_seed):
+    _variant_of_guarded(host, "wrong_size.safetensors",
+                        latents=lambda s: torch.zeros(len(s), 4, s.latents.shape[2] * 2, s.latents.shape[3] * 2))
+    message = run_expecting_error(host, with_set(guard_prompt, "wrong_size.safetensors", seed=fresh_seed))
+    assert "LatentNudge" in message and "latent size" in message and "rebuild" in message
+
+
+def test_set_with_another_channel_count(host, guard_prompt, fresh_seed):
+    _variant_of_guarded(host, "wrong_channels.safetensors",
+                        latents=lambda s: torch.zeros(len(s), 16, s.latents.shape[2], s.latents.shape[3]))
+    message = run_expecting_error(host, with_set(guard_prompt, "wrong_channels.safetensors", seed=fresh_seed))
+    assert "LatentNudge" in message and "16-channel" in message and "VAE" in message
+
+
+def test_empty_set(host, guard_prompt, fresh_seed):
+    empty = sets.EmbeddingSet(latents=torch.zeros(0, 4, 8, 8), names=[], pixels=torch.zeros(0, 64, 64, 3, dtype=torch.uint8))
+    sets.save_set(empty, os.path.join(sets_dir(host), "empty.safetensors"))
+    message = run_expecting_error(host, with_set(guard_prompt, "empty.safetensors", seed=fresh_seed))
+    assert "LoadEmbeddingSet" in message and "no items" in message
+
+
+def test_nan_in_a_latent(host, guard_prompt, fresh_seed):
+    _variant_of_guarded(host, "nan.safetensors", latents=lambda s: torch.full_like(s.latents, float("nan")))
+    message = run_expecting_error(host, with_set(guard_prompt, "nan.safetensors", seed=fresh_seed))
+    assert "LatentNudge" in message and "NaN" in message
+
+
+def test_images_of_another_size_than_the_set(host, guard_prompt, fresh_seed):
+    _variant_of_guarded(host, "small_pixels.safetensors", pixels=lambda s: s.pixels[:, ::2, ::2].contiguous())
+    message = run_expecting_error(host, with_set(guard_prompt, "small_pixels.safetensors", seed=fresh_seed))
+    assert "MemorizationFilter" in message and "rebuild the set" in message
+
+
+def test_interrupting_a_latent_nudge_run(host, fresh_seed):
+    prompt = {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "LoadEmbeddingSet", "inputs": {"set_name": GUARDED}},
+        "3": {"class_type": "LatentNudge", "inputs": {
+            "latent": ["1", 0], "undesired_set": ["2", 0], "alpha": 0.0, "beta": 1.0, "proximity": 0.0,
+            "steps": 100_000, "learning_rate": 1e-6 * (1 + fresh_seed % 1000), "aggregate": "max"}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
+    }
+    prompt_id = host.queue(prompt)
+    deadline = time.time() + 60
+    while time.time() < deadline and not host.get("/queue")["queue_running"]:
+        time.sleep(0.1)
+    time.sleep(2.0)                      # well inside the 100,000-step loop
+    started = time.time()
+    host.interrupt()
+    entry = host.wait(prompt_id, timeout=60)
+    assert time.time() - started < 10, "the nudge did not stop promptly"
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert host.get("/system_stats")["system"]
