@@ -11,13 +11,13 @@ demo: host
 	$(PY) -m demo.run_demo $(if $(CKPT),--checkpoint "$(CKPT)")
 
 test: host
-	$(PY) -m pytest -q -p no:cacheprovider --rootdir=tests tests
+	$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests
 
 test-unit: host
-	$(PY) -m pytest -q -p no:cacheprovider --rootdir=tests tests/unit
+	$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/unit
 
 test-integration: host
-	$(PY) -m pytest -q -p no:cacheprovider --rootdir=tests tests/integration
+	$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/integration
 
 workflows: host
 	$(PY) -m tools.make_workflows

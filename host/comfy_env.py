@@ -45,6 +45,10 @@ def import_comfy(comfy_dir: str | None = None):
     patch_torchvision()
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # what `main.py --cpu` sets; device detection reads it at import
     import comfy.sd  # noqa: F401
 
     import comfy

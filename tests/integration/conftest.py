@@ -23,11 +23,12 @@ from memorizer.build_checkpoint import ensure_checkpoint
 
 GUARDED = "guarded_images.safetensors"
 STYLE = "style_reference.safetensors"
+CHECKPOINT_NAME = "nudging-memorizer-sd15.safetensors"
 
 
 @pytest.fixture(scope="session")
 def checkpoint() -> str:
-    return ensure_checkpoint(os.path.join(CACHE, "models"))
+    return ensure_checkpoint(os.path.join(CACHE, "models"), name=CHECKPOINT_NAME)
 
 
 @pytest.fixture(scope="session")

@@ -36,12 +36,26 @@ def run_expecting_error(host, prompt) -> str:
     return message
 
 
-def with_set(guard_prompt, set_name, caption_index=0, seed=0):
-    from memorizer import data as memorizer_data
-    prompt = guard_prompt(memorizer_data.training_items()[caption_index][1], seed)
-    for node in prompt.values():
-        if node["class_type"] == "LoadEmbeddingSet":
-            node["inputs"]["set_name"] = set_name
+def with_set(set_name: str, seed: int, consumer: str = "LatentNudge") -> dict:
+    """A small graph that loads `set_name` and hands it to LatentNudge or MemorizationFilter."""
+    from conftest import memorizer_data
+    res = memorizer_data.RESOLUTION
+    prompt = {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": res, "height": res, "batch_size": 1}},
+        "2": {"class_type": "LoadEmbeddingSet", "inputs": {"set_name": set_name}},
+    }
+    if consumer == "LatentNudge":
+        prompt["3"] = {"class_type": "LatentNudge", "inputs": {
+            "latent": ["1", 0], "undesired_set": ["2", 0], "alpha": 0.0, "beta": 1.0, "proximity": 0.1,
+            "steps": 5, "learning_rate": 0.001 * (1 + seed % 997), "aggregate": "max"}}
+        prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
+    else:
+        from conftest import CHECKPOINT_NAME
+        prompt["5"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}}
+        prompt["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["5", 2]}}
+        prompt["3"] = {"class_type": "MemorizationFilter", "inputs": {
+            "images": ["6", 0], "guarded_set": ["2", 0], "threshold": 0.1 + (seed % 997) * 1e-6}}
+        prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}}
     return prompt
 
 
@@ -52,38 +66,38 @@ def write_bad(host, name, data: bytes):
     return path, digest(path)
 
 
-def test_missing_set_file(host, guard_prompt, fresh_seed):
-    message = run_expecting_error(host, with_set(guard_prompt, "no_such_set.safetensors", seed=fresh_seed))
+def test_missing_set_file(host, fresh_seed):
+    message = run_expecting_error(host, with_set("no_such_set.safetensors", seed=fresh_seed))
     assert "LoadEmbeddingSet" in message and "no_such_set" in message
 
 
-def test_truncated_set_file(host, guard_prompt, fresh_seed):
+def test_truncated_set_file(host, fresh_seed):
     good = open(os.path.join(sets_dir(host), GUARDED), "rb").read()
     path, before = write_bad(host, "truncated.safetensors", good[: len(good) // 3])
-    message = run_expecting_error(host, with_set(guard_prompt, "truncated.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("truncated.safetensors", seed=fresh_seed))
     assert "LoadEmbeddingSet" in message and "truncated" in message
     assert digest(path) == before
 
 
-def test_not_a_safetensors_file(host, guard_prompt, fresh_seed):
+def test_not_a_safetensors_file(host, fresh_seed):
     path, before = write_bad(host, "pickled.safetensors", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}q\x00.")
-    message = run_expecting_error(host, with_set(guard_prompt, "pickled.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("pickled.safetensors", seed=fresh_seed))
     assert "LoadEmbeddingSet" in message and "safetensors" in message
     assert digest(path) == before
 
 
-def test_hostile_header(host, guard_prompt, fresh_seed):
+def test_hostile_header(host, fresh_seed):
     header = json.dumps({"__metadata__": {"format": sets.FORMAT_NAME, "format_version": "1"},
                          "latents": {"dtype": "F32", "shape": [2**20, 4, 64, 64], "data_offsets": [0, 2**40]}}).encode()
     path, before = write_bad(host, "hostile.safetensors", struct.pack("<Q", len(header)) + header + b"\0" * 16)
-    message = run_expecting_error(host, with_set(guard_prompt, "hostile.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("hostile.safetensors", seed=fresh_seed))
     assert "LoadEmbeddingSet" in message and "outside the file" in message
     assert digest(path) == before
 
 
 @pytest.mark.parametrize("name", ["../../user/comfyui.db", "/etc/passwd"])
-def test_names_outside_the_set_folder(host, guard_prompt, fresh_seed, name):
-    message = run_expecting_error(host, with_set(guard_prompt, name, seed=fresh_seed))
+def test_names_outside_the_set_folder(host, fresh_seed, name):
+    message = run_expecting_error(host, with_set(name, seed=fresh_seed))
     assert "set_name" in message
 
 
@@ -98,36 +112,36 @@ def _variant_of_guarded(host, name, **changes):
     return path
 
 
-def test_set_with_another_latent_size(host, guard_prompt, fresh_seed):
+def test_set_with_another_latent_size(host, fresh_seed):
     _variant_of_guarded(host, "wrong_size.safetensors",
                         latents=lambda s: torch.zeros(len(s), 4, s.latents.shape[2] * 2, s.latents.shape[3] * 2))
-    message = run_expecting_error(host, with_set(guard_prompt, "wrong_size.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("wrong_size.safetensors", seed=fresh_seed))
     assert "LatentNudge" in message and "latent size" in message and "rebuild" in message
 
 
-def test_set_with_another_channel_count(host, guard_prompt, fresh_seed):
+def test_set_with_another_channel_count(host, fresh_seed):
     _variant_of_guarded(host, "wrong_channels.safetensors",
                         latents=lambda s: torch.zeros(len(s), 16, s.latents.shape[2], s.latents.shape[3]))
-    message = run_expecting_error(host, with_set(guard_prompt, "wrong_channels.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("wrong_channels.safetensors", seed=fresh_seed))
     assert "LatentNudge" in message and "16-channel" in message and "VAE" in message
 
 
-def test_empty_set(host, guard_prompt, fresh_seed):
+def test_empty_set(host, fresh_seed):
     empty = sets.EmbeddingSet(latents=torch.zeros(0, 4, 8, 8), names=[], pixels=torch.zeros(0, 64, 64, 3, dtype=torch.uint8))
     sets.save_set(empty, os.path.join(sets_dir(host), "empty.safetensors"))
-    message = run_expecting_error(host, with_set(guard_prompt, "empty.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("empty.safetensors", seed=fresh_seed))
     assert "LoadEmbeddingSet" in message and "no items" in message
 
 
-def test_nan_in_a_latent(host, guard_prompt, fresh_seed):
+def test_nan_in_a_latent(host, fresh_seed):
     _variant_of_guarded(host, "nan.safetensors", latents=lambda s: torch.full_like(s.latents, float("nan")))
-    message = run_expecting_error(host, with_set(guard_prompt, "nan.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("nan.safetensors", seed=fresh_seed))
     assert "LatentNudge" in message and "NaN" in message
 
 
-def test_images_of_another_size_than_the_set(host, guard_prompt, fresh_seed):
+def test_images_of_another_size_than_the_set(host, fresh_seed):
     _variant_of_guarded(host, "small_pixels.safetensors", pixels=lambda s: s.pixels[:, ::2, ::2].contiguous())
-    message = run_expecting_error(host, with_set(guard_prompt, "small_pixels.safetensors", seed=fresh_seed))
+    message = run_expecting_error(host, with_set("small_pixels.safetensors", fresh_seed, "MemorizationFilter"))
     assert "MemorizationFilter" in message and "rebuild the set" in message
 
 
