@@ -24,3 +24,6 @@ workflows: host
 
 clean:
 	rm -rf out .cache/test-homes
+
+bench: host
+	$(PY) -m bench.run_bench

@@ -19,35 +19,20 @@ import subprocess
 import sys
 import time
 
-from host.comfy_host import CACHE, REPO, ComfyHost, execution_error
-from host.workflow import configure_txt2img, ui_to_api
+from host.comfy_host import CACHE, REPO, ComfyHost, execution_error, node_ui_json, output_paths
+from host.workflow import configure_txt2img, generation_only, ui_to_api
 
 WORKFLOW = "memorization_guard.json"
 GUARDED = "guarded_images.safetensors"
 
 
-def ui_json(entry: dict, prompt: dict, class_type: str, key: str) -> dict | None:
-    for nid, node in prompt.items():
-        if node["class_type"] == class_type and nid in entry["outputs"]:
-            values = entry["outputs"][nid].get(key)
-            return json.loads(values[0]) if values else None
-    return None
-
-
-def copy_output_images(host: ComfyHost, entry: dict, prompt: dict, class_type: str, kind: str, dest: str,
-                       stem: str) -> list[str]:
-    files = []
-    for nid, node in prompt.items():
-        if node["class_type"] != class_type or nid not in entry["outputs"]:
-            continue
-        for i, item in enumerate(entry["outputs"][nid].get("images", [])):
-            if item.get("type") != kind:
-                continue
-            src = os.path.join(host.home, kind, item.get("subfolder", ""), item["filename"])
-            name = f"{stem}_{i}.png"
-            shutil.copyfile(src, os.path.join(dest, name))
-            files.append(name)
-    return files
+def copy_outputs(host: ComfyHost, entry: dict, prompt: dict, class_type: str, kind: str, dest: str,
+                 stem: str) -> list[str]:
+    names = []
+    for i, src in enumerate(output_paths(host, entry, prompt, class_type, kind)):
+        names.append(f"{stem}_{i}.png")
+        shutil.copyfile(src, os.path.join(dest, names[-1]))
+    return names
 
 
 def build_set(images_dir: str, checkpoint: str, out: str) -> None:
@@ -141,8 +126,8 @@ def main(argv=None) -> int:
             # Guard each prompt's own first output: the workflow must then catch and replace it.
             t = time.time()
             for i, (caption, seed) in enumerate(jobs):
-                entry = host.run(configure_txt2img(_plain(base), caption=caption, seed=seed))
-                copy_output_images(host, entry, base, "SaveImage", "output", guard_dir, f"self_guard_{i}")
+                entry = host.run(configure_txt2img(generation_only(base), caption=caption, seed=seed))
+                copy_outputs(host, entry, base, "SaveImage", "output", guard_dir, f"self_guard_{i}")
             seconds["self_guard_generation"] = round(time.time() - t, 2)
         t = time.time()
         build_set(guard_dir, checkpoint, os.path.join(home, "models", "embedding_sets", GUARDED))
@@ -157,10 +142,10 @@ def main(argv=None) -> int:
             error = execution_error(entry)
             if error:
                 raise SystemExit(f"the workflow failed on '{caption}': {error['node_type']}: {error['exception_message']}")
-            verdict = ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["images"][0]
-            status = ui_json(entry, prompt, "ConditionalRegenerate", "nudging_status")
-            final = copy_output_images(host, entry, prompt, "SaveImage", "output", out, f"image_{i:02d}")
-            before = copy_output_images(host, entry, prompt, "ConditionalRegenerate", "temp", out, f"before_after_{i:02d}")
+            verdict = node_ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["images"][0]
+            status = node_ui_json(entry, prompt, "ConditionalRegenerate", "nudging_status")
+            final = copy_outputs(host, entry, prompt, "SaveImage", "output", out, f"image_{i:02d}")
+            before = copy_outputs(host, entry, prompt, "ConditionalRegenerate", "temp", out, f"before_after_{i:02d}")
             images.append({"prompt": caption, "seed": seed, "flagged_before": verdict["flagged"],
                            "distance_before": verdict["distance"], "nearest": verdict["nearest"],
                            "status": status["statuses"][0], "distance_after": status["distances_after"][0],
@@ -185,24 +170,6 @@ def main(argv=None) -> int:
 
 def _threshold(prompt: dict) -> float:
     return next(n["inputs"]["threshold"] for n in prompt.values() if n["class_type"] == "MemorizationFilter")
-
-
-def _plain(prompt: dict) -> dict:
-    """The workflow's generate-and-save part only (for guarding a model's own outputs)."""
-    keep = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage"}
-    plain = {nid: json.loads(json.dumps(n)) for nid, n in prompt.items() if n["class_type"] in keep}
-    first_decode = next(nid for nid, n in plain.items() if n["class_type"] == "VAEDecode"
-                        and plain[n["inputs"]["samples"][0]]["inputs"].get("denoise", 1.0) >= 1.0)
-    for nid in [nid for nid, n in plain.items() if n["class_type"] in ("KSampler", "VAEDecode")]:
-        n = plain[nid]
-        if n["class_type"] == "KSampler" and n["inputs"].get("denoise", 1.0) < 1.0:
-            del plain[nid]
-        elif n["class_type"] == "VAEDecode" and nid != first_decode:
-            del plain[nid]
-    for n in plain.values():
-        if n["class_type"] == "SaveImage":
-            n["inputs"]["images"] = [first_decode, 0]
-    return plain
 
 
 if __name__ == "__main__":

@@ -151,3 +151,33 @@ def execution_error(entry: dict) -> dict | None:
         if kind == "execution_error":
             return data
     return None
+
+
+def node_ui(entry: dict, prompt: dict, class_type: str) -> dict | None:
+    """The ui output of the (first executed) node of class_type in a finished history entry."""
+    for nid, node in prompt.items():
+        if node["class_type"] == class_type and nid in entry.get("outputs", {}):
+            return entry["outputs"][nid]
+    return None
+
+
+def node_ui_json(entry: dict, prompt: dict, class_type: str, key: str) -> dict | None:
+    """A JSON payload a pack node put in its ui output under `key`."""
+    out = node_ui(entry, prompt, class_type)
+    values = (out or {}).get(key)
+    return json.loads(values[0]) if values else None
+
+
+def output_paths(host: "ComfyHost", entry: dict, prompt: dict, class_type: str, kind: str = "output") -> list[str]:
+    """Files a node wrote ('output' for SaveImage, 'temp' for previews), as paths on disk."""
+    out = node_ui(entry, prompt, class_type) or {}
+    return [os.path.join(host.home, kind, item.get("subfolder", ""), item["filename"])
+            for item in out.get("images", []) if item.get("type") == kind]
+
+
+def execution_seconds(entry: dict) -> float | None:
+    """Server-side time from execution_start to execution_success (no HTTP polling in it)."""
+    stamps = {kind: data.get("timestamp") for kind, data in entry.get("status", {}).get("messages", [])}
+    if stamps.get("execution_start") is None or stamps.get("execution_success") is None:
+        return None
+    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0

@@ -177,3 +177,23 @@ def configure_txt2img(prompt: dict, checkpoint_name: str | None = None, resoluti
         elif kind == "LoadEmbeddingSet" and set_names and inputs.get("set_name") in set_names:
             inputs["set_name"] = set_names[inputs["set_name"]]
     return out
+
+
+def generation_only(prompt: dict) -> dict:
+    """The plain-generation part of a guard workflow: everything upstream of the first VAEDecode,
+    saved directly (the loop off: what a graph without the pack would run)."""
+    out = copy.deepcopy(prompt)
+    decode = next(nid for nid, n in out.items() if n["class_type"] == "VAEDecode"
+                  and float(out[n["inputs"]["samples"][0]]["inputs"].get("denoise", 1.0)) >= 1.0)
+    needed, stack = set(), [decode]
+    while stack:
+        nid = stack.pop()
+        if nid in needed:
+            continue
+        needed.add(nid)
+        stack += [v[0] for v in out[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2 and v[0] in out]
+    save = next(nid for nid, n in out.items() if n["class_type"] == "SaveImage")
+    plain = {nid: out[nid] for nid in needed}
+    plain[save] = out[save]
+    plain[save]["inputs"]["images"] = [decode, 0]
+    return plain

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from host.comfy_host import CACHE, REPO, ComfyHost
+from host.comfy_host import CACHE, REPO, ComfyHost, output_paths
 from host.workflow import configure_txt2img, ui_to_api
 from memorizer import data as memorizer_data
 from memorizer.build_checkpoint import ensure_checkpoint
@@ -85,22 +84,5 @@ def fresh_seed():
     return random.Random().randint(10_000, 2**31)
 
 
-def node_output(entry: dict, prompt: dict, class_type: str) -> dict | None:
-    for nid, node in prompt.items():
-        if node["class_type"] == class_type:
-            return entry["outputs"].get(nid)
-    return None
-
-
-def saved_images(host: ComfyHost, entry: dict) -> list[np.ndarray]:
-    images = []
-    for out in entry["outputs"].values():
-        for item in out.get("images", []):
-            if item.get("type") == "output":
-                path = os.path.join(host.home, "output", item.get("subfolder", ""), item["filename"])
-                images.append(np.asarray(Image.open(path).convert("RGB")))
-    return images
-
-
-def copy_file(src: str, dst: str) -> None:
-    shutil.copyfile(src, dst)
+def saved_images(host: ComfyHost, entry: dict, prompt: dict) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in output_paths(host, entry, prompt, "SaveImage")]

@@ -3,11 +3,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import GUARDED, node_output, saved_images
+from conftest import GUARDED, saved_images
 from memorizer import data as memorizer_data
 from safetensors import safe_open
 
 from host.comfy_host import execution_error
+from host.comfy_host import node_ui as node_output
 from host.workflow import ui_to_api
 from nudging_core.embedding_set import load_set
 
@@ -66,7 +67,7 @@ def test_memorization_guard_regenerates_a_memorized_output(host, guard_prompt, f
     assert status["text"][0].startswith("image 0: ")
     assert "regenerated" in status["text"][0]              # 'regenerated' or 'still flagged', never silent
     assert node_output(entry, prompt, "LatentNudge") is not None   # the branch ran
-    images = saved_images(host, entry)
+    images = saved_images(host, entry, prompt)
     assert len(images) == 1 and images[0].shape == (memorizer_data.RESOLUTION, memorizer_data.RESOLUTION, 3)
 
 
@@ -89,7 +90,7 @@ def test_nudge_toward_style_workflow_runs(host, guard_prompt, fresh_seed):
     nudge = node_output(entry, prompt, "LatentNudge")
     if nudge is not None:
         assert "to desired" in nudge["text"][0]
-    assert len(saved_images(host, entry)) == 1
+    assert len(saved_images(host, entry, prompt)) == 1
 
 
 def test_guarded_set_built_by_the_cli_matches_the_training_images(host):

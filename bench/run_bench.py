@@ -1,0 +1,207 @@
+"""`make bench`: the paper's memorization table, reproduced through a real ComfyUI server.
+
+For every training caption of the memorizer (n_seeds seeds each) and for captions it never
+saw, runs the shipped workflows/memorization_guard.json, plus the plain generation part of
+the same workflow (the loop off) for the wall-time baseline. Writes bench/results.json,
+bench/figure_distances.png (the paper's Figure 4) and bench/figure_shift.png (Figure 5).
+
+Relevance ("on-prompt, yet not a copy"): an output counts as relevant when, among all
+training images, the one nearest to it by RMS distance between 8x8 box-downsampled images is
+its own prompt's training image. This keeps layout and colours, and ignores the fine detail
+the tiled-L2 test looks at.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from host.comfy_host import CACHE, REPO, ComfyHost, execution_error, execution_seconds, node_ui_json, output_paths
+from host.workflow import configure_txt2img, generation_only, ui_to_api
+from memorizer import data
+from memorizer.build_checkpoint import ensure_checkpoint
+from nudging_core.tiled_l2 import tiled_l2_matrix
+
+WORKFLOW = "memorization_guard.json"
+GUARDED = "guarded_images.safetensors"
+THUMB = 8
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU, no GPU"
+
+
+def load_rgb(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def thumb(img: np.ndarray) -> np.ndarray:
+    h, w, c = img.shape
+    return img.reshape(THUMB, h // THUMB, THUMB, w // THUMB, c).mean(axis=(1, 3))
+
+
+def run_bench(n_seeds: int, out_dir: str) -> dict:
+    items = data.training_items()
+    train_pixels = np.stack([p.astype(np.float32) / 255.0 for _, _, p in items])
+    train_thumbs = np.stack([thumb(p) for p in train_pixels])
+    jobs = [(caption, i, seed) for i, (_, caption, _) in enumerate(items) for seed in range(n_seeds)]
+    jobs += [(caption, -1, seed) for caption in data.unseen_captions() for seed in range(n_seeds)]
+
+    checkpoint = ensure_checkpoint(os.path.join(CACHE, "models"))
+    home = os.path.join(CACHE, "bench-home")
+    shutil.rmtree(home, ignore_errors=True)
+    host = ComfyHost(home)
+    host.prepare()
+    os.symlink(checkpoint, os.path.join(host.dir("models", "checkpoints"), os.path.basename(checkpoint)))
+    guard_dir = host.dir("guard")
+    for name, _, pixels in items:
+        Image.fromarray(pixels).save(os.path.join(guard_dir, f"{name}.png"))
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", guard_dir, "--checkpoint", checkpoint,
+                    "--out", os.path.join(home, "models", "embedding_sets", GUARDED)], cwd=REPO, check=True)
+    rows = []
+    with host:
+        with open(os.path.join(REPO, "workflows", WORKFLOW)) as f:
+            base = configure_txt2img(ui_to_api(json.load(f), host.object_info()), os.path.basename(checkpoint),
+                                     data.RESOLUTION, data.SAMPLER_SETTINGS)
+        plain = generation_only(base)
+        # Warm-up: model load and every caption's text encoding are cached for all runs alike.
+        for caption in {c for c, _, _ in jobs}:
+            host.run(configure_txt2img(plain, caption=caption, seed=10**6))
+        for n, (caption, own, seed) in enumerate(jobs):
+            # Plain and guarded runs use different seeds: identical inputs would be served from
+            # ComfyUI's cache. The guarded run's first pass IS the plain generation for its seed.
+            entry_plain = host.run(configure_txt2img(plain, caption=caption, seed=seed + 50_000))
+            prompt = configure_txt2img(base, caption=caption, seed=seed)
+            entry = host.run(prompt)
+            error = execution_error(entry) or execution_error(entry_plain)
+            if error:
+                raise SystemExit(f"{error['node_type']}: {error['exception_message']}")
+            verdict = node_ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["images"][0]
+            status = node_ui_json(entry, prompt, "ConditionalRegenerate", "nudging_status")
+            final = load_rgb(output_paths(host, entry, prompt, "SaveImage")[0])
+            previews = output_paths(host, entry, prompt, "ConditionalRegenerate", "temp")
+            before = load_rgb(previews[0]) if previews else final
+            rows.append({"caption": caption, "own": own, "seed": seed, "flagged_before": verdict["flagged"],
+                         "distance_before": verdict["distance"], "status": status["statuses"][0],
+                         "t_plain": execution_seconds(entry_plain), "t_guarded": execution_seconds(entry),
+                         "before": before, "after": final})
+            print(f"[bench] {n + 1}/{len(jobs)} {caption!r} seed {seed}: {status['statuses'][0]} "
+                  f"d={verdict['distance']:.3f} plain {rows[-1]['t_plain']:.2f}s guarded {rows[-1]['t_guarded']:.2f}s",
+                  flush=True)
+    return summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir)
+
+
+def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
+    train_t = torch.from_numpy(train_pixels)
+    after = torch.from_numpy(np.stack([r["after"] for r in rows]))
+    before = torch.from_numpy(np.stack([r["before"] for r in rows]))
+    d_after = tiled_l2_matrix(after, train_t).min(dim=1).values.numpy()
+    d_before = tiled_l2_matrix(before, train_t).min(dim=1).values.numpy()
+    trained = [i for i, r in enumerate(rows) if r["own"] >= 0]
+    unseen = [i for i, r in enumerate(rows) if r["own"] < 0]
+    flagged = [i for i in range(len(rows)) if rows[i]["flagged_before"]]
+    nudged = [i for i in flagged if rows[i]["status"] != "passed"]
+
+    def nearest_thumb(img):
+        return int(np.argmin(((train_thumbs - thumb(img)) ** 2).mean(axis=(1, 2, 3))))
+
+    relevant = [i for i in nudged if rows[i]["own"] >= 0 and nearest_thumb(rows[i]["after"]) == rows[i]["own"]]
+    nudged_trained = [i for i in nudged if rows[i]["own"] >= 0]
+    pair = [np.sqrt(((train_pixels[a] - train_pixels[b]) ** 2).mean())
+            for a in range(len(train_pixels)) for b in range(a + 1, len(train_pixels))]
+    shifts = [np.sqrt(((rows[i]["after"] - rows[i]["before"]) ** 2).mean()) for i in nudged]
+
+    def ratio(idx):
+        t = [rows[i]["t_guarded"] / rows[i]["t_plain"] for i in idx if rows[i]["t_plain"]]
+        return round(statistics.mean(t), 3) if t else None
+
+    results = {
+        "baseline_memorized_rate": round(float(np.mean(d_before[trained] < 0.1)), 4),
+        "baseline_memorized_rate_unseen": round(float(np.mean(d_before[unseen] < 0.1)), 4) if unseen else None,
+        "guarded_memorized_rate": round(float(np.mean(d_after < 0.1)), 4),
+        "guarded_memorized_rate_trained": round(float(np.mean(d_after[trained] < 0.1)), 4),
+        "guarded_min_tiled_l2": round(float(d_after.min()), 4),
+        "guarded_min_tiled_l2_nudged": round(float(d_after[nudged].min()), 4) if nudged else None,
+        "relevance_rate": round(len(relevant) / len(nudged_trained), 4) if nudged_trained else None,
+        "mean_shift_ratio": round(float(np.mean(shifts) / np.mean(pair)), 4) if shifts else None,
+        "overhead_ratio_flagged": ratio(flagged),
+        "overhead_ratio_clean": ratio([i for i in unseen if not rows[i]["flagged_before"]]),
+        "n_flagged": len(flagged), "n_still_flagged": sum(r["status"] == "still flagged" for r in rows),
+        "n_prompts": len({r["caption"] for r in rows}), "n_training_prompts": len({r["caption"] for r in rows if r["own"] >= 0}),
+        "n_seeds": n_seeds, "resolution": data.RESOLUTION, "sampler": data.SAMPLER_SETTINGS,
+        "threshold": 0.1, "relevance_measure": f"nearest training image by RMS of {THUMB}x{THUMB} box-downsampled images",
+        "machine": machine(), "workflow": f"workflows/{WORKFLOW}",
+    }
+    figures(rows, d_before, d_after, nudged, train_pixels, out_dir)
+    return results
+
+
+def figures(rows, d_before, d_after, nudged, train_pixels, out_dir) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, max(0.6, float(max(d_before.max(), d_after.max()))), 40)
+    ax.hist(d_before, bins=bins, alpha=0.6, label="loop off (first pass)")
+    ax.hist(d_after, bins=bins, alpha=0.6, label="after the nudge loop")
+    ax.axvline(0.1, color="k", linestyle="--", label="threshold 0.1")
+    ax.set_xlabel("tiled L2 to the nearest guarded image")
+    ax.set_ylabel("outputs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "figure_distances.png"), dpi=110)
+    plt.close(fig)
+
+    # 2-D PCA of 8x8 thumbnails: training images, outputs, arrows to their nudged versions.
+    feats = lambda imgs: np.stack([thumb(i).ravel() for i in imgs])  # noqa: E731
+    base = np.concatenate([feats(train_pixels), feats([r["before"] for r in rows]), feats([r["after"] for r in rows])])
+    mean = base.mean(axis=0)
+    _, _, vt = np.linalg.svd(base - mean, full_matrices=False)
+    proj = lambda x: (x - mean) @ vt[:2].T  # noqa: E731
+    t2, b2, a2 = proj(feats(train_pixels)), proj(feats([r["before"] for r in rows])), proj(feats([r["after"] for r in rows]))
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.scatter(b2[:, 0], b2[:, 1], s=10, c="tab:gray", label="outputs (loop off)")
+    for i in nudged:
+        ax.annotate("", xy=a2[i], xytext=b2[i], arrowprops=dict(arrowstyle="->", color="tab:blue", lw=0.8))
+    ax.scatter(a2[nudged, 0], a2[nudged, 1], s=12, c="tab:blue", label="nudged outputs")
+    ax.scatter(t2[:, 0], t2[:, 1], s=80, marker="*", c="tab:red", label="guarded training images")
+    ax.set_title("Outputs before and after the nudge (PCA of 8x8 thumbnails)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "figure_shift.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--out", default=os.path.join(REPO, "bench"))
+    args = parser.parse_args(argv)
+    started = time.time()
+    results = run_bench(args.seeds, args.out)
+    results["bench_seconds"] = round(time.time() - started, 1)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
