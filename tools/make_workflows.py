@@ -86,7 +86,29 @@ def build_embedding_set(info: dict) -> dict:
     return b.workflow()
 
 
-WORKFLOWS = {"memorization_guard.json": memorization_guard, "nudge_toward_style.json": nudge_toward_style,
+def single_pass_guard(info: dict) -> dict:
+    b = WorkflowBuilder(info)
+    ckpt = b.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT, size=(315, 98))
+    guarded = b.add("LoadEmbeddingSet", (0, 150), set_name=GUARDED_SET, size=(315, 82))
+    guard = b.add("MemorizationGuardModel", (0, 280), model=(ckpt, 0), guarded_set=(guarded, 0), size=(340, 290))
+    pos = b.add("CLIPTextEncode", (380, 0), title="Prompt", text=PROMPT, clip=(ckpt, 1), size=(400, 150))
+    neg = b.add("CLIPTextEncode", (380, 200), title="Negative prompt", text="", clip=(ckpt, 1), size=(400, 150))
+    empty = b.add("EmptyLatentImage", (380, 400), width=512, height=512, batch_size=1, size=(315, 106))
+    sampler = b.add("KSampler", (820, 0), title="Generate (guarded)", model=(guard, 0), positive=(pos, 0),
+                    negative=(neg, 0), latent_image=(empty, 0), seed=42, steps=20, cfg=7.5,
+                    sampler_name="euler", scheduler="normal", denoise=1.0, size=(315, 262))
+    decode = b.add("VAEDecode", (1180, 0), samples=(sampler, 0), vae=(ckpt, 2), size=(210, 46))
+    b.add("MemorizationFilter", (1180, 100), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
+          size=(340, 190))
+    b.add("SaveImage", (1560, 0), images=(decode, 0), filename_prefix="nudging/single_pass", size=(320, 300))
+    b.note("Single-pass guard: the patched model watches the sampler's predicted clean latent at every step and "
+           "nudges an image away from the guarded set as soon as it comes close, inside the same pass (no second "
+           "generation). Prompts that never come close run unchanged. MemorizationFilter still checks the final "
+           "image: a guard that failed is reported, not hidden.", (380, 560), size=(760, 120))
+    return b.workflow()
+
+
+WORKFLOWS = {"single_pass_guard.json": single_pass_guard, "memorization_guard.json": memorization_guard, "nudge_toward_style.json": nudge_toward_style,
              "build_embedding_set.json": build_embedding_set}
 
 

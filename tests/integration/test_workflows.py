@@ -17,7 +17,8 @@ WORKFLOWS = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__),
 
 
 def test_every_shipped_workflow_is_covered():
-    assert set(WORKFLOWS) == {"memorization_guard.json", "build_embedding_set.json", "nudge_toward_style.json"}
+    assert set(WORKFLOWS) == {"memorization_guard.json", "build_embedding_set.json", "nudge_toward_style.json",
+                              "single_pass_guard.json"}
 
 
 def test_build_embedding_set_workflow_saves_a_set_and_never_overwrites(host, object_info, checkpoint):
@@ -99,3 +100,11 @@ def test_guarded_set_built_by_the_cli_matches_the_training_images(host):
     assert saved.names == sorted(name for name, _, _ in items)
     by_name = {name: pixels for name, _, pixels in items}
     assert np.array_equal(saved.pixels[0].numpy(), by_name[saved.names[0]])
+
+
+def test_single_pass_guard_workflow_runs_and_reports_its_final_verdict(host, guard_prompt, fresh_seed):
+    _name, caption, _ = memorizer_data.training_items()[0]
+    prompt, entry = _run_guard(host, guard_prompt, caption, fresh_seed, "single_pass_guard.json")
+    report = node_output(entry, prompt, "MemorizationFilter")["text"][0]
+    assert report.startswith("threshold 0.1") and "1 flagged" in report.splitlines()[-1] or "0 of 1" in report
+    assert len(saved_images(host, entry, prompt)) == 1
