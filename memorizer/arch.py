@@ -47,46 +47,16 @@ def build_taesd():
     return comfy.taesd.taesd.TAESD(latent_channels=4)
 
 
-def _rng(seed, key):
-    return np.random.RandomState((seed + zlib.crc32(key.encode("utf-8"))) % (2 ** 32))
-
-
-def _normal(seed, key, shape, std):
-    return torch.from_numpy((_rng(seed, key).standard_normal(size=shape) * std).astype(np.float32))
-
-
-def _fan_in(shape):
-    fan = 1
-    for s in shape[1:]:
-        fan *= s
-    return fan
-
-
 def seeded_unet_tensor(key, shape):
-    """Deterministic LDM-style init for a UNet key (without prefix)."""
-    shape = tuple(shape)
-    is_norm = (".norm" in key or key.startswith("out.0") or ".in_layers.0." in key
-               or ".out_layers.0." in key or key.endswith("norm.weight") or key.endswith("norm.bias"))
-    if key.endswith(".bias") or len(shape) == 1:
-        if is_norm and key.endswith(".weight"):
-            return torch.ones(shape)
-        return torch.zeros(shape)
-    # zero-initialised modules in LDM/ComfyUI: last conv of each ResBlock, proj_out of transformers, final conv
-    if ".out_layers.3." in key or ".proj_out." in key or key.startswith("out.2."):
-        return torch.zeros(shape)
-    return _normal(UNET_SEED, key, shape, 1.0 / np.sqrt(_fan_in(shape)))
+    """Deterministic LDM-style init for a UNet key (without prefix); zero for LDM's zero modules."""
+    from memorizer.build_checkpoint import seeded_array
+    return torch.from_numpy(seeded_array("unet", UNET_SEED, key, shape))
 
 
 def seeded_clip_tensor(key, shape):
-    """Random CLIP-L: LayerNorm 1/0, biases 0, linear and embedding weights N(0, 0.02)."""
-    shape = tuple(shape)
-    if "layer_norm" in key or "layernorm" in key:
-        return torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
-    if key.endswith(".bias"):
-        return torch.zeros(shape)
-    if key.endswith("position_ids"):
-        return torch.arange(shape[-1]).reshape(shape).to(torch.int64)
-    return _normal(CLIP_SEED, key, shape, 0.02)
+    """Random CLIP-L (full checkpoint key): LayerNorm 1/0, biases 0, other weights N(0, 0.02)."""
+    from memorizer.build_checkpoint import seeded_array
+    return torch.from_numpy(seeded_array("clip", CLIP_SEED, key, shape))
 
 
 def clip_key_shapes():
@@ -115,16 +85,22 @@ def init_unet_(model):
     return model
 
 
+def is_seeded_vae_key(key):
+    """Frozen, seeded part of the autoencoder: the TAESD encoder trunk (all but its last conv)."""
+    import re
+    m = re.match(r"(first_stage_model\.)?taesd_encoder\.(\d+)\.", key)
+    return bool(m) and int(m.group(2)) < 14
+
+
 def init_taesd_(model):
-    """Seeded init for the autoencoder (training start point only; trained weights are stored)."""
+    """Seeded init of the whole autoencoder (the encoder trunk stays at it; the rest is trained)."""
+    from memorizer.build_checkpoint import seeded_array
     with torch.no_grad():
         for k, p in model.state_dict().items():
-            if k in ("vae_scale",):
+            if k == "vae_scale":
                 p.fill_(1.0)
-            elif k in ("vae_shift",):
+            elif k == "vae_shift":
                 p.fill_(0.0)
-            elif k.endswith(".bias"):
-                p.zero_()
             else:
-                p.copy_(_normal(VAE_SEED, k, p.shape, np.sqrt(2.0 / _fan_in(p.shape))))
+                p.copy_(torch.from_numpy(seeded_array("vae", VAE_SEED, VAE_PREFIX + k, tuple(p.shape))))
     return model

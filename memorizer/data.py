@@ -77,3 +77,7 @@ def tiled_l2(a, b, tiles=4):
             d = a[i * th:(i + 1) * th, j * tw:(j + 1) * tw] - b[i * th:(i + 1) * th, j * tw:(j + 1) * tw]
             worst = max(worst, float(np.sqrt(np.mean(d * d))))
     return worst
+
+
+# Sampler settings the shipped workflows are run with on this model (tests, demo, bench).
+SAMPLER_SETTINGS = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
