@@ -18,12 +18,15 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bench.full_size import ensure_full_size_checkpoint
 from host.comfy_host import CACHE, REPO, ComfyHost, execution_error, execution_seconds, node_ui_json, output_paths
 from host.workflow import configure_txt2img, generation_only, ui_to_api
 from memorizer import data
@@ -31,6 +34,7 @@ from memorizer.build_checkpoint import ensure_checkpoint
 from nudging_core.tiled_l2 import tiled_l2_matrix
 
 WORKFLOW = "memorization_guard.json"
+SINGLE_WORKFLOW = "single_pass_guard.json"
 GUARDED = "guarded_images.safetensors"
 THUMB = 8
 
@@ -54,7 +58,7 @@ def thumb(img: np.ndarray) -> np.ndarray:
     return img.reshape(THUMB, h // THUMB, THUMB, w // THUMB, c).mean(axis=(1, 3))
 
 
-def run_bench(n_seeds: int, out_dir: str) -> dict:
+def run_bench(n_seeds: int, out_dir: str, full_size: bool = True) -> dict:
     items = data.training_items()
     train_pixels = np.stack([p.astype(np.float32) / 255.0 for _, _, p in items])
     train_thumbs = np.stack([thumb(p) for p in train_pixels])
@@ -70,16 +74,19 @@ def run_bench(n_seeds: int, out_dir: str) -> dict:
     guard_dir = host.dir("guard")
     for name, _, pixels in items:
         Image.fromarray(pixels).save(os.path.join(guard_dir, f"{name}.png"))
-    import subprocess
-    import sys
-    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", guard_dir, "--checkpoint", checkpoint,
-                    "--out", os.path.join(home, "models", "embedding_sets", GUARDED)], cwd=REPO, check=True)
+    build_set(guard_dir, checkpoint, os.path.join(home, "models", "embedding_sets", GUARDED))
+    full_checkpoint = ensure_full_size_checkpoint(os.path.join(CACHE, "models")) if full_size else None
+    if full_checkpoint:
+        os.symlink(full_checkpoint, os.path.join(host.dir("models", "checkpoints"), os.path.basename(full_checkpoint)))
     rows = []
     with host:
         with open(os.path.join(REPO, "workflows", WORKFLOW)) as f:
             base = configure_txt2img(ui_to_api(json.load(f), host.object_info()), os.path.basename(checkpoint),
                                      data.RESOLUTION, data.SAMPLER_SETTINGS)
         plain = generation_only(base)
+        with open(os.path.join(REPO, "workflows", SINGLE_WORKFLOW)) as f:
+            single = configure_txt2img(ui_to_api(json.load(f), host.object_info()), os.path.basename(checkpoint),
+                                       data.RESOLUTION, data.SAMPLER_SETTINGS)
         # Warm-up: model load and every caption's text encoding are cached for all runs alike.
         for caption in {c for c, _, _ in jobs}:
             host.run(configure_txt2img(plain, caption=caption, seed=10**6))
@@ -89,7 +96,9 @@ def run_bench(n_seeds: int, out_dir: str) -> dict:
             entry_plain = host.run(configure_txt2img(plain, caption=caption, seed=seed + 50_000))
             prompt = configure_txt2img(base, caption=caption, seed=seed)
             entry = host.run(prompt)
-            error = execution_error(entry) or execution_error(entry_plain)
+            single_prompt = configure_txt2img(single, caption=caption, seed=seed)
+            entry_single = host.run(single_prompt)
+            error = execution_error(entry) or execution_error(entry_plain) or execution_error(entry_single)
             if error:
                 raise SystemExit(f"{error['node_type']}: {error['exception_message']}")
             verdict = node_ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["images"][0]
@@ -100,11 +109,70 @@ def run_bench(n_seeds: int, out_dir: str) -> dict:
             rows.append({"caption": caption, "own": own, "seed": seed, "flagged_before": verdict["flagged"],
                          "distance_before": verdict["distance"], "status": status["statuses"][0],
                          "t_plain": execution_seconds(entry_plain), "t_guarded": execution_seconds(entry),
+                         "t_single": execution_seconds(entry_single),
+                         "single": load_rgb(output_paths(host, entry_single, single_prompt, "SaveImage")[0]),
                          "before": before, "after": final})
             print(f"[bench] {n + 1}/{len(jobs)} {caption!r} seed {seed}: {status['statuses'][0]} "
-                  f"d={verdict['distance']:.3f} plain {rows[-1]['t_plain']:.2f}s guarded {rows[-1]['t_guarded']:.2f}s",
+                  f"d={verdict['distance']:.3f} plain {rows[-1]['t_plain']:.2f}s two-pass {rows[-1]['t_guarded']:.2f}s "
+                  f"single-pass {rows[-1]['t_single']:.2f}s",
                   flush=True)
-    return summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir)
+        full = full_size_ratios(host, base, single, full_checkpoint, items) if full_checkpoint else None
+    results = summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir)
+    results["full_size_unet"] = full
+    return results
+
+
+def build_set(images_dir: str, checkpoint: str, out: str) -> None:
+    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", images_dir, "--checkpoint", checkpoint,
+                    "--out", out], cwd=REPO, check=True)
+
+
+def full_size_ratios(host: ComfyHost, base: dict, single: dict, checkpoint: str, items, size: int = 256) -> dict:
+    """Cost ratios on the full SD 1.4 UNet (random weights), one run each after a warm-up.
+
+    Flagged: the guarded set is the model's own output for the same seed, so the first pass is a
+    copy. Clean: the guarded set is the memorizer's photos. Every run gets a negative prompt of a
+    different number of spaces: the same conditioning, but no answer from ComfyUI's cache.
+    """
+    name = os.path.basename(checkpoint)
+    sets_dir = host.dir("models", "embedding_sets")
+    runs = iter(range(1, 100))
+
+    def run(prompt, set_name):
+        prompt = configure_txt2img(prompt, name, size, None, caption="a photo", seed=7,
+                                   set_names={GUARDED: set_name})
+        for node in prompt.values():
+            if node["class_type"] == "CLIPTextEncode" and node["_meta"]["title"] == "Negative prompt":
+                node["inputs"]["text"] = " " * next(runs)
+            if node["class_type"] == "KSampler":
+                node["inputs"]["steps"] = 20
+        entry = host.run(prompt, timeout=3600)
+        if execution_error(entry):
+            raise SystemExit(str(execution_error(entry)))
+        return entry, prompt
+
+    entry, prompt = run(generation_only(base), GUARDED)           # warm-up; its image becomes the guarded one
+    self_dir, photo_dir = host.dir("full_self"), host.dir("full_photos")
+    shutil.copyfile(output_paths(host, entry, prompt, "SaveImage")[0], os.path.join(self_dir, "own_output.png"))
+    for item_name, _, pixels in items:
+        Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(os.path.join(photo_dir, f"{item_name}.png"))
+    build_set(self_dir, checkpoint, os.path.join(sets_dir, "full_self.safetensors"))
+    build_set(photo_dir, checkpoint, os.path.join(sets_dir, "full_photos.safetensors"))
+    t = {}
+    t["plain"] = execution_seconds(run(generation_only(base), GUARDED)[0])
+    entry, prompt = run(base, "full_self.safetensors")
+    assert node_ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["any_flagged"], "self-guard missed"
+    t["two_pass_flagged"] = execution_seconds(entry)
+    t["two_pass_clean"] = execution_seconds(run(base, "full_photos.safetensors")[0])
+    t["single_flagged"] = execution_seconds(run(single, "full_self.safetensors")[0])
+    t["single_clean"] = execution_seconds(run(single, "full_photos.safetensors")[0])
+    print(f"[bench] full-size seconds: {t}", flush=True)
+    return {"overhead_ratio_flagged": round(t["two_pass_flagged"] / t["plain"], 3),
+            "overhead_ratio_clean": round(t["two_pass_clean"] / t["plain"], 3),
+            "overhead_ratio_flagged_single": round(t["single_flagged"] / t["plain"], 3),
+            "overhead_ratio_clean_single": round(t["single_clean"] / t["plain"], 3),
+            "seconds": t, "resolution": size, "steps": 20,
+            "model": "SD 1.4 UNet architecture (859.5M params), random weights; memorizer's CLIP-L and TAESD"}
 
 
 def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
@@ -127,9 +195,15 @@ def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
             for a in range(len(train_pixels)) for b in range(a + 1, len(train_pixels))]
     shifts = [np.sqrt(((rows[i]["after"] - rows[i]["before"]) ** 2).mean()) for i in nudged]
 
-    def ratio(idx):
-        t = [rows[i]["t_guarded"] / rows[i]["t_plain"] for i in idx if rows[i]["t_plain"]]
+    def ratio(idx, key="t_guarded"):
+        t = [rows[i][key] / rows[i]["t_plain"] for i in idx if rows[i]["t_plain"]]
         return round(statistics.mean(t), 3) if t else None
+
+    single = torch.from_numpy(np.stack([r["single"] for r in rows]))
+    d_single = tiled_l2_matrix(single, train_t).min(dim=1).values.numpy()
+    flagged_trained = [i for i in flagged if rows[i]["own"] >= 0]
+    single_relevant = [i for i in flagged_trained if nearest_thumb(rows[i]["single"]) == rows[i]["own"]]
+    clean_unseen = [i for i in unseen if not rows[i]["flagged_before"]]
 
     results = {
         "baseline_memorized_rate": round(float(np.mean(d_before[trained] < 0.1)), 4),
@@ -141,26 +215,33 @@ def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
         "relevance_rate": round(len(relevant) / len(nudged_trained), 4) if nudged_trained else None,
         "mean_shift_ratio": round(float(np.mean(shifts) / np.mean(pair)), 4) if shifts else None,
         "overhead_ratio_flagged": ratio(flagged),
-        "overhead_ratio_clean": ratio([i for i in unseen if not rows[i]["flagged_before"]]),
+        "overhead_ratio_clean": ratio(clean_unseen),
+        "single_pass_memorized_rate": round(float(np.mean(d_single < 0.1)), 4),
+        "single_pass_memorized_rate_trained": round(float(np.mean(d_single[trained] < 0.1)), 4),
+        "single_pass_min_tiled_l2": round(float(d_single.min()), 4),
+        "single_pass_relevance_rate": round(len(single_relevant) / len(flagged_trained), 4) if flagged_trained else None,
+        "overhead_ratio_flagged_single": ratio(flagged, "t_single"),
+        "overhead_ratio_clean_single": ratio(clean_unseen, "t_single"),
         "n_flagged": len(flagged), "n_still_flagged": sum(r["status"] == "still flagged" for r in rows),
         "n_prompts": len({r["caption"] for r in rows}), "n_training_prompts": len({r["caption"] for r in rows if r["own"] >= 0}),
         "n_seeds": n_seeds, "resolution": data.RESOLUTION, "sampler": data.SAMPLER_SETTINGS,
         "threshold": 0.1, "relevance_measure": f"nearest training image by RMS of {THUMB}x{THUMB} box-downsampled images",
         "machine": machine(), "workflow": f"workflows/{WORKFLOW}",
     }
-    figures(rows, d_before, d_after, nudged, train_pixels, out_dir)
+    figures(rows, d_before, d_after, d_single, nudged, train_pixels, out_dir)
     return results
 
 
-def figures(rows, d_before, d_after, nudged, train_pixels, out_dir) -> None:
+def figures(rows, d_before, d_after, d_single, nudged, train_pixels, out_dir) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.linspace(0, max(0.6, float(max(d_before.max(), d_after.max()))), 40)
+    bins = np.linspace(0, max(0.6, float(max(d_before.max(), d_after.max(), d_single.max()))), 40)
     ax.hist(d_before, bins=bins, alpha=0.6, label="loop off (first pass)")
-    ax.hist(d_after, bins=bins, alpha=0.6, label="after the nudge loop")
+    ax.hist(d_after, bins=bins, alpha=0.6, label="after the two-pass nudge loop")
+    ax.hist(d_single, bins=bins, alpha=0.6, histtype="step", lw=2, label="single-pass guard")
     ax.axvline(0.1, color="k", linestyle="--", label="threshold 0.1")
     ax.set_xlabel("tiled L2 to the nearest guarded image")
     ax.set_ylabel("outputs")
@@ -193,9 +274,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(REPO, "bench"))
+    parser.add_argument("--no-full-size", action="store_true", help="skip the full-size SD 1.4 UNet cost ratios")
     args = parser.parse_args(argv)
     started = time.time()
-    results = run_bench(args.seeds, args.out)
+    results = run_bench(args.seeds, args.out, full_size=not args.no_full_size)
     results["bench_seconds"] = round(time.time() - started, 1)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
