@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.errors import NudgeInputError
-from ..nudging_core.nudge import check_finite
+from ..nudging_core.nudge import NudgeSettings, check_finite
 from ..nudging_core.sampling_guard import GuardSettings, SamplingGuard
 from .common import CATEGORY, EmbeddingSetType, user_input
 
@@ -42,8 +42,8 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, s
         if len(guarded_set) == 0:
             raise NudgeInputError("the guarded set is empty; build it from at least one image")
         check_finite(guarded_set.latents, "guarded set")
-    settings = GuardSettings(cos_threshold=cos_threshold, beta=beta, proximity=proximity, steps=steps,
-                             learning_rate=learning_rate)
+    settings = GuardSettings(cos_threshold=cos_threshold, nudge=NudgeSettings(
+        alpha=0.0, beta=beta, proximity=proximity, steps=steps, learning_rate=learning_rate, aggregate="max"))
     inner = model.get_model_object("latent_format")
     guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings)
     sampling = model.get_model_object("model_sampling")

@@ -17,13 +17,15 @@ import torch
 from .nudge import NudgeSettings, nudge_latents
 
 
+def default_guard_nudge() -> NudgeSettings:
+    """Fewer steps than LatentNudge: the guard nudges again at every sampler step."""
+    return NudgeSettings(alpha=0.0, beta=1.0, proximity=0.1, steps=10, learning_rate=0.05, aggregate="max")
+
+
 @dataclass
 class GuardSettings:
     cos_threshold: float = 0.9
-    beta: float = 1.0
-    proximity: float = 0.1
-    steps: int = 10
-    learning_rate: float = 0.05
+    nudge: NudgeSettings = field(default_factory=default_guard_nudge)
 
 
 @dataclass
@@ -67,9 +69,8 @@ class SamplingGuard:
         if not self.caught:
             return denoised
         owners = sorted(self.caught)
-        nudge = NudgeSettings(alpha=0.0, beta=self.settings.beta, proximity=self.settings.proximity,
-                              steps=self.settings.steps, learning_rate=self.settings.learning_rate, aggregate="max")
-        result = nudge_latents(denoised, items[[self.caught[b] for b in owners]], nudge, undesired_owners=owners)
+        result = nudge_latents(denoised, items[[self.caught[b] for b in owners]], self.settings.nudge,
+                               undesired_owners=owners)
         for b in owners:
             self.events.append(GuardEvent(b, self.caught[b], sigma, result.cos_undesired_before[b],
                                           result.cos_undesired_after[b]))

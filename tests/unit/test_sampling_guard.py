@@ -2,6 +2,7 @@
 steers an Euler trajectory away from the memorized latent when the prediction comes close."""
 import torch
 
+from nudging_core.nudge import NudgeSettings
 from nudging_core.sampling_guard import GuardSettings, SamplingGuard
 
 
@@ -25,7 +26,7 @@ def test_memorized_trajectory_is_steered_away():
     sigmas = torch.linspace(10, 0, 21)
     noise = torch.randn(1, 4, 8, 8) * sigmas[0]
     plain = euler(denoiser, noise.clone(), sigmas)
-    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, steps=10, learning_rate=0.05))
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9))
     guarded = euler(denoiser, noise.clone(), sigmas, guard)
     assert cos(plain, memorized) > 0.99
     assert cos(guarded, memorized) < cos(plain, memorized) - 0.05
@@ -46,7 +47,7 @@ def test_guard_stays_off_for_far_predictions():
 
 def test_a_new_run_resets_what_was_caught():
     items = torch.ones(1, 4, 2, 2)
-    guard = SamplingGuard(items, GuardSettings(cos_threshold=0.5, steps=1))
+    guard = SamplingGuard(items, GuardSettings(cos_threshold=0.5, nudge=NudgeSettings(steps=1)))
     guard(torch.ones(1, 4, 2, 2), 5.0)
     assert guard.caught == {0: 0}
     guard(-torch.ones(1, 4, 2, 2), 10.0)     # sigma went up: another sampling run
