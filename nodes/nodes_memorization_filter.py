@@ -38,6 +38,8 @@ class MemorizationFilter(io.ComfyNode):
                                         tooltip="The guarded items the flagged images matched: the set to push from."),
                 io.String.Output(display_name="report", tooltip="A readable report, one line per image."),
             ],
+            # An output node: its verdict is shown (and the check runs) even when nothing downstream uses it.
+            is_output_node=True,
         )
 
     @classmethod

@@ -1,0 +1,455 @@
+"""The real frontend in headless Chromium: the shipped workflows load, convert and run, and the
+pack's canvas UI shows each verdict and status.
+
+Needs /usr/bin/chromium (Debian's package; CI installs it) and the playwright Python package;
+skips with the reason when either is missing. Nothing is downloaded.
+
+With NUDGING_SCREENSHOTS=<dir> the tests also save screenshots there (`make screenshots`), and
+with NUDGING_THUMBNAILS=<dir> the template-browser thumbnails (<workflow>.jpg).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+from conftest import CHECKPOINT_NAME, configure, load_workflow
+from memorizer import data as memorizer_data
+
+from host.comfy_host import PACK_NAME
+from host.workflow import ui_to_api
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 860}
+SHOTS = os.environ.get("NUDGING_SCREENSHOTS")
+THUMBS = os.environ.get("NUDGING_THUMBNAILS")
+MAX_PNG_BYTES = 300_000
+WORKFLOWS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "workflows")
+WORKFLOWS = sorted(f[:-5] for f in os.listdir(WORKFLOWS_DIR) if f.endswith(".json"))
+RUN_TIMEOUT = 600
+
+
+# --- browser session ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser(host):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (CI does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is missing: pip install -r requirements-dev.txt")
+    # The first-run template dialog would cover the canvas.
+    host.request("POST", "/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, host):
+    context = browser.new_context(viewport=VIEWPORT)
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # the Nodes 2.0 banner
+    pg = context.new_page()
+    errors = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(host.url + "/", wait_until="domcontentloaded")
+    pg.wait_for_function(
+        """() => window.app?.graph && window.LiteGraph?.registered_node_types?.MemorizationFilter
+               && app.extensions?.some(e => e.name === "EmbeddingNudging.Canvas")""",
+        timeout=120_000)
+    pg.nudging_errors = errors
+    yield pg
+    ours = [e for e in errors if "nudging" in e.lower()]
+    context.close()
+    assert not ours, f"errors from the pack's frontend code: {ours}"
+
+
+# --- helpers --------------------------------------------------------------------------------
+def load_in_frontend(page, workflow: dict) -> None:
+    """app.loadGraphData; every node type must be registered and no missing-nodes dialog shown."""
+    result = page.evaluate(
+        """async (wf) => {
+            await app.loadGraphData(wf);
+            const registered = LiteGraph.registered_node_types;
+            const virtual = new Set(["Note", "MarkdownNote", "Reroute", "PrimitiveNode"]);
+            const unknown = wf.nodes.map(n => n.type).filter(t => !(t in registered) && !virtual.has(t));
+            const broken = app.graph.nodes.filter(n => n.has_errors).map(n => n.type);
+            const dialogs = [...document.querySelectorAll(".p-dialog")].map(d => d.innerText);
+            return {unknown, broken, dialogs, count: app.graph.nodes.length};
+        }""", workflow)
+    assert not result["unknown"], f"node types not registered in the frontend: {result['unknown']}"
+    assert not result["broken"], f"nodes loaded with errors: {result['broken']}"
+    missing = [d for d in result["dialogs"] if "missing" in d.lower()]
+    assert not missing, f"the frontend reported missing nodes: {missing}"
+    assert result["count"] == len(workflow["nodes"])
+
+
+def graph_to_prompt(page) -> dict:
+    return page.evaluate("async () => { const p = await app.graphToPrompt(); return {output: p.output, workflow: p.workflow}; }")
+
+
+def strip(prompt: dict) -> dict:
+    return {nid: (node["class_type"], node["inputs"]) for nid, node in prompt.items()}
+
+
+def set_widgets(page, values: dict) -> None:
+    """values: {node_id: {widget_name: value}}, set through the node widgets like a user would."""
+    missing = page.evaluate(
+        """(values) => {
+            const missing = [];
+            for (const [id, widgets] of Object.entries(values)) {
+                const node = app.graph.getNodeById(Number(id));
+                for (const [name, value] of Object.entries(widgets)) {
+                    const w = node?.widgets?.find(w => w.name === name);
+                    if (!w) { missing.push(`${id}.${name}`); continue; }
+                    w.value = value;
+                    w.callback?.(value, app.canvas, node);
+                }
+            }
+            app.graph.setDirtyCanvas(true, true);
+            return missing;
+        }""", {str(k): v for k, v in values.items()})
+    assert not missing, f"widgets not found: {missing}"
+
+
+def widget_changes(before: dict, after: dict) -> dict:
+    """The widget inputs that differ between two API prompts of the same graph."""
+    changes = {}
+    for nid, node in after.items():
+        for name, value in node["inputs"].items():
+            if not isinstance(value, list) and before[nid]["inputs"].get(name) != value:
+                changes.setdefault(int(nid), {})[name] = value
+    return changes
+
+
+def configured_prompt(object_info, workflow: dict, caption: str | None, seed: int | None,
+                      overrides: dict | None = None) -> dict:
+    """What the test asks the browser to set: the memorizer's settings plus per-class overrides."""
+    prompt = configure(ui_to_api(workflow, object_info), CHECKPOINT_NAME, caption, seed)
+    for node in prompt.values():
+        node["inputs"].update((overrides or {}).get(node["class_type"], {}))
+    return prompt
+
+
+def history_ids(host) -> set[str]:
+    return set(host.get("/history?max_items=10000"))
+
+
+def queue_from_frontend(page, host, expect_error: bool = False) -> tuple[str, dict]:
+    """app.queuePrompt(0) (the Run button's path); returns the new history entry once finished."""
+    before = history_ids(host)
+    page.evaluate("async () => { await app.queuePrompt(0); }")
+    deadline = time.time() + RUN_TIMEOUT
+    while time.time() < deadline:
+        new = history_ids(host) - before
+        if new:
+            prompt_id = new.pop()
+            return prompt_id, host.wait(prompt_id, timeout=max(1, deadline - time.time()))
+        time.sleep(0.3)
+    raise AssertionError(f"the queued prompt never reached the history:\n{host.log_tail()}")
+
+
+def node_views(page) -> dict:
+    """What the pack's extension shows on each node (node.nudging), by node id."""
+    return page.evaluate(
+        """() => Object.fromEntries(app.graph.nodes.filter(n => n.nudging).map(n => [String(n.id), {
+                type: n.comfyClass, header: n.nudging.header, stale: !!n.nudging.stale,
+                running: !!n.nudging.running, kind: n.nudging.kind,
+                rows: n.nudging.rows.map(r => ({badge: r.badge, text: r.text})),
+                labels: (n.nudging.labels || []).map(l => l.text),
+                imgs: (n.imgs || []).length,
+                panelVisible: (() => { const w = n.widgets.find(w => w.name === "nudging_panel");
+                                       return !!w && w.last_y != null && n.size[1] >= w.last_y + 10; })(),
+            }]))""")
+
+
+def wait_for_views(page, node_ids: list[str], timeout: float = 30) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        views = node_views(page)
+        if all(nid in views and not views[nid]["stale"] and not views[nid]["running"] for nid in node_ids):
+            return views
+        if time.time() > deadline:
+            raise AssertionError(f"the canvas never showed fresh results on {node_ids}: {views}")
+        time.sleep(0.25)
+
+
+def toasts(page) -> list[str]:
+    return page.evaluate("() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)")
+
+
+def ids_of(prompt: dict, class_type: str) -> list[str]:
+    return [nid for nid, node in prompt.items() if node["class_type"] == class_type]
+
+
+def payload(entry: dict, nid: str, key: str):
+    out = entry["outputs"].get(nid)
+    return None if out is None else json.loads(out[key][0])
+
+
+def fit_view(page, node_types: list[str] | None = None) -> None:
+    page.evaluate(
+        """async (types) => {
+            app.canvas.deselectAll?.();
+            if (types) for (const n of app.graph.nodes) if (types.includes(n.comfyClass)) app.canvas.select(n);
+            app.canvas.fitViewToSelectionAnimated?.({duration: 1});
+            if (!app.canvas.fitViewToSelectionAnimated) await app.extensionManager.command.execute("Comfy.Canvas.FitView");
+            app.canvas.deselectAll?.();
+            app.graph.setDirtyCanvas(true, true);
+        }""", node_types)
+    page.wait_for_timeout(600)
+
+
+def screenshot(page, name: str, node_types: list[str] | None = None, thumbnail: str | None = None) -> None:
+    if not SHOTS and not (THUMBS and thumbnail):
+        return
+    from PIL import Image
+    fit_view(page, node_types)
+    raw = page.screenshot(type="png")
+    image = Image.open(io.BytesIO(raw)).convert("RGB")
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        path = os.path.join(SHOTS, f"{name}.png")
+        scaled = image.resize((image.width * 5 // 7, image.height * 5 // 7), Image.LANCZOS)
+        scaled.save(path, optimize=True)
+        if os.path.getsize(path) > MAX_PNG_BYTES:
+            scaled.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        assert os.path.getsize(path) <= MAX_PNG_BYTES, path
+    if THUMBS and thumbnail:
+        canvas = page.locator("#graph-canvas").bounding_box()
+        box = [int(canvas["x"]), int(canvas["y"]), int(canvas["x"] + canvas["width"]), int(canvas["y"] + canvas["height"])]
+        thumb = image.crop(box) if canvas else image
+        thumb.thumbnail((640, 400), Image.LANCZOS)
+        thumb.save(os.path.join(THUMBS, f"{thumbnail}.jpg"), quality=85, optimize=True)
+
+
+# --- tests ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_frontend_conversion_matches_the_project_converter(page, object_info, name):
+    """app.graphToPrompt() on the shipped file equals host.workflow.ui_to_api: same classes, same inputs."""
+    workflow = load_workflow(f"{name}.json")
+    load_in_frontend(page, workflow)
+    converted = graph_to_prompt(page)
+    assert strip(converted["output"]) == strip(ui_to_api(workflow, object_info))
+    # And the workflow the frontend would save converts to the same prompt with our converter.
+    assert strip(ui_to_api(converted["workflow"], object_info)) == strip(converted["output"])
+    # The pack's canvas widgets never enter the saved widgets_values.
+    for node in converted["workflow"]["nodes"]:
+        original = next(n for n in workflow["nodes"] if n["id"] == node["id"])
+        assert node.get("widgets_values", []) == original.get("widgets_values", []), node["type"]
+
+
+def run_workflow_in_browser(page, host, object_info, name, caption=None, seed=None, overrides=None):
+    """Load, set the memorizer's widgets through the UI, check the frontend's conversion, run."""
+    workflow = load_workflow(f"{name}.json")
+    load_in_frontend(page, workflow)
+    plain = ui_to_api(workflow, object_info)
+    wanted = configured_prompt(object_info, workflow, caption, seed, overrides)
+    set_widgets(page, widget_changes(plain, wanted))
+    converted = graph_to_prompt(page)
+    assert strip(converted["output"]) == strip(wanted), "frontend conversion differs from ui_to_api + configure"
+    _prompt_id, entry = queue_from_frontend(page, host)
+    return wanted, entry
+
+
+def check_guard_views(page, prompt: dict, entry: dict) -> dict:
+    """The canvas shows exactly what the server decided, for every image, on every pack node."""
+    assert entry["status"].get("status_str") == "success", entry["status"]
+    filt, = ids_of(prompt, "MemorizationFilter")
+    regen, = ids_of(prompt, "ConditionalRegenerate")
+    nudge, = ids_of(prompt, "LatentNudge")
+    views = wait_for_views(page, [filt, regen, nudge])
+    verdicts = payload(entry, filt, "nudging_verdicts")
+    status = payload(entry, regen, "nudging_status")
+
+    shown = views[filt]
+    assert shown["panelVisible"], "the verdict panel is outside the node"
+    assert [r["badge"] for r in shown["rows"]] == ["FLAGGED" if im["flagged"] else "passed" for im in verdicts["images"]]
+    for row, im in zip(shown["rows"], verdicts["images"]):
+        assert f"{im['distance']:.4f}" in row["text"] and f"'{im['nearest']}'" in row["text"], row
+    flagged = sum(im["flagged"] for im in verdicts["images"])
+    assert shown["header"].startswith(f"{flagged} of {len(verdicts['images'])} flagged")
+
+    shown = views[regen]
+    assert shown["panelVisible"]
+    assert [r["badge"] for r in shown["rows"]] == status["statuses"]
+    if status["replaced"]:
+        k = len(status["replaced"])
+        assert shown["labels"][:k] == [f"before #{b}" for b in status["replaced"]]
+        assert all(label.startswith("after #") for label in shown["labels"][k:])
+        assert len(shown["labels"]) == 2 * k
+        assert len(entry["outputs"][regen]["images"]) == 2 * k
+
+    shown = views[nudge]
+    if flagged:
+        assert shown["header"].startswith("done"), shown
+        assert entry["outputs"].get(nudge) is not None
+    else:
+        assert shown["header"].startswith("not run"), shown
+        assert entry["outputs"].get(nudge) is None
+    return {"verdicts": verdicts, "status": status, "views": views}
+
+
+def wait_for_toast(page, text: str, timeout: float = 10) -> list[str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = toasts(page)
+        if any(text in t for t in found):
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no toast containing {text!r}: {toasts(page)}")
+
+
+def test_guard_ui_shows_flagged_regenerated_and_still_flagged(page, host, object_info, fresh_seed):
+    """Plumbing, independent of how well the memorizer memorizes: threshold 1.0 flags every image,
+    so the UI's flagged / still-flagged paths, the toasts and the before/after labels all show; a
+    second run with the threshold between the two distances shows 'regenerated'."""
+    _name, caption, _ = memorizer_data.training_items()[1]
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
+                                            {"MemorizationFilter": {"threshold": 1.0}})
+    result = check_guard_views(page, prompt, entry)
+    assert result["verdicts"]["any_flagged"] and result["status"]["statuses"] == ["still flagged"]
+    wait_for_toast(page, "flagged")
+    wait_for_toast(page, "still flagged after regeneration")
+    screenshot(page, "guard_forced_still_flagged", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+
+    before = result["status"]["distances_before"][0]
+    after = result["status"]["distances_after"][0]
+    if after <= before + 0.002:
+        pytest.skip(f"this seed's nudge did not move the image away ({before:.4f} -> {after:.4f})")
+    threshold = round((before + after) / 2, 3)
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
+                                            {"MemorizationFilter": {"threshold": threshold}})
+    result = check_guard_views(page, prompt, entry)
+    assert result["status"]["statuses"] == ["regenerated"], result["status"]
+    screenshot(page, "guard_forced_regenerated", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+
+
+def test_toasts_can_be_turned_off(page, host, object_info, fresh_seed):
+    page.evaluate("async () => { await app.extensionManager.setting.set('EmbeddingNudging.Toasts', false); }")
+    try:
+        _name, caption, _ = memorizer_data.training_items()[2]
+        prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
+                                                {"MemorizationFilter": {"threshold": 1.0}})
+        check_guard_views(page, prompt, entry)
+        page.wait_for_timeout(500)
+        assert not [t for t in toasts(page) if "flagged" in t], toasts(page)
+    finally:
+        page.evaluate("async () => { await app.extensionManager.setting.set('EmbeddingNudging.Toasts', true); }")
+
+
+def test_latent_nudge_shows_progress_and_stops_on_cancel(page, host, object_info, fresh_seed):
+    _name, caption, _ = memorizer_data.training_items()[3]
+    workflow = load_workflow("memorization_guard.json")
+    load_in_frontend(page, workflow)
+    wanted = configured_prompt(object_info, workflow, caption, fresh_seed,
+                               {"MemorizationFilter": {"threshold": 1.0}, "LatentNudge": {"steps": 100000}})
+    set_widgets(page, widget_changes(ui_to_api(workflow, object_info), wanted))
+    nudge, = ids_of(wanted, "LatentNudge")
+    before = history_ids(host)
+    page.evaluate("async () => { await app.queuePrompt(0); }")
+    page.wait_for_function(
+        "(id) => { const n = app.graph.getNodeById(Number(id)); return n?.nudging?.running && n.nudgingProgress.value > 0; }",
+        arg=nudge, timeout=RUN_TIMEOUT * 1000)
+    shown = node_views(page)[nudge]
+    assert shown["header"].startswith("optimising latent: step ") and shown["header"].endswith("/ 100000")
+    screenshot(page, "latent_nudge_progress", ["LatentNudge", "MemorizationFilter", "ConditionalRegenerate"])
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Interrupt'); }")
+    page.wait_for_function(
+        "(id) => app.graph.getNodeById(Number(id))?.nudging?.header?.startsWith('cancelled')",
+        arg=nudge, timeout=60_000)
+    deadline = time.time() + 60
+    while not (history_ids(host) - before) and time.time() < deadline:
+        time.sleep(0.3)
+    prompt_id, = history_ids(host) - before
+    entry = host.wait(prompt_id, timeout=60)
+    kinds = [kind for kind, _ in entry["status"].get("messages", [])]
+    assert "execution_interrupted" in kinds, kinds
+    assert entry["outputs"].get(nudge) is None                      # nothing passed on
+    assert host.get("/queue")["queue_running"] == []                # the server is free again
+    screenshot(page, "latent_nudge_cancelled", ["LatentNudge", "MemorizationFilter", "ConditionalRegenerate"])
+
+
+def test_memorization_guard_in_browser(page, host, object_info, fresh_seed):
+    """The shipped guard at the paper's threshold on a training caption, as an artist runs it.
+    Shows whatever the memorizer produces; the memorizer-dependent claim is the next test's."""
+    _name, caption, _ = memorizer_data.training_items()[0]
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed)
+    result = check_guard_views(page, prompt, entry)
+    if result["verdicts"]["any_flagged"]:
+        wait_for_toast(page, "Memorization filter")
+    screenshot(page, "memorization_guard", thumbnail="memorization_guard")
+    screenshot(page, "memorization_guard_verdicts", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+
+
+def test_memorized_caption_is_flagged_and_regenerated_in_browser(page, host, object_info, fresh_seed):
+    """Needs a memorizer that reproduces its training images (as test_workflows does)."""
+    name, caption, _ = memorizer_data.training_items()[0]
+    for seed in range(fresh_seed, fresh_seed + 3):
+        prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, seed)
+        result = check_guard_views(page, prompt, entry)
+        if result["verdicts"]["any_flagged"]:
+            break
+    else:
+        pytest.fail(f"the memorizer never reproduced '{caption}' in 3 seeds: {result['views']}")
+    filt, = ids_of(prompt, "MemorizationFilter")
+    assert result["views"][filt]["rows"][0]["badge"] == "FLAGGED" and f"'{name}'" in result["views"][filt]["rows"][0]["text"]
+    assert result["status"]["statuses"][0] in ("regenerated", "still flagged")
+    wait_for_toast(page, "Memorization filter: 1 of 1 flagged")
+    screenshot(page, "memorized_caption_regenerated", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+
+
+def test_unseen_caption_passes_in_browser(page, host, object_info, fresh_seed):
+    caption = memorizer_data.unseen_captions()[0]
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed)
+    result = check_guard_views(page, prompt, entry)
+    if not result["verdicts"]["any_flagged"]:
+        regen, = ids_of(prompt, "ConditionalRegenerate")
+        assert result["views"][regen]["header"] == "all passed: nothing regenerated"
+        screenshot(page, "unseen_caption_passed", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+
+
+def test_nudge_toward_style_in_browser(page, host, object_info, fresh_seed):
+    _name, caption, _ = memorizer_data.training_items()[0]
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "nudge_toward_style", caption, fresh_seed)
+    check_guard_views(page, prompt, entry)
+    screenshot(page, "nudge_toward_style", thumbnail="nudge_toward_style")
+
+
+def test_build_embedding_set_in_browser(page, host, object_info, fresh_seed):
+    overrides = {"SaveEmbeddingSet": {"set_name": "from_browser"},
+                 "BuildEmbeddingSet": {"item_names": f"guarded image {fresh_seed}"}}
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "build_embedding_set", overrides=overrides)
+    assert entry["status"].get("status_str") == "success", entry["status"]
+    save, = ids_of(prompt, "SaveEmbeddingSet")
+    assert "from_browser" in entry["outputs"][save]["text"][0]
+    screenshot(page, "build_embedding_set", thumbnail="build_embedding_set")
+
+
+def test_templates_are_listed_with_thumbnails(page, host):
+    """The template browser lists the pack's workflows (custom_nodes/<pack>/workflows/*.json) and
+    loads their thumbnails from /api/workflow_templates/<pack>/<name>.jpg (the frontend asks for .jpg)."""
+    listed = host.get("/workflow_templates")
+    assert sorted(listed.get(PACK_NAME, [])) == WORKFLOWS, listed
+    for name in WORKFLOWS:
+        assert os.path.isfile(os.path.join(WORKFLOWS_DIR, f"{name}.jpg")), f"workflows/{name}.jpg missing: make screenshots"
+        with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg") as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
+    # In the real dialog: the pack is a category, and its cards show the thumbnails.
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.get_by_text(PACK_NAME).first.click(timeout=30_000)
+    for name in WORKFLOWS:
+        page.locator(f"img[src*='/workflow_templates/{PACK_NAME}/{name}.jpg']").first.wait_for(timeout=30_000)
+    loaded = page.evaluate(
+        "(pack) => [...document.querySelectorAll(`img[src*='/workflow_templates/${pack}/']`)]"
+        ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)", PACK_NAME)
+    assert len(set(loaded)) >= len(WORKFLOWS), loaded
+    screenshot(page, "template_browser")
