@@ -27,3 +27,10 @@ clean:
 
 bench: host
 	$(PY) -m bench.run_bench
+
+# Screenshots of the canvas UI (docs/screenshots/*.png) and the template-browser thumbnails
+# (workflows/<name>.jpg), taken by the browser end-to-end test in the real frontend.
+screenshots: host
+	mkdir -p docs/screenshots
+	NUDGING_SCREENSHOTS=$(CURDIR)/docs/screenshots NUDGING_THUMBNAILS=$(CURDIR)/workflows \
+		$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/integration/test_browser.py

@@ -6,7 +6,7 @@ import json
 import torch
 from comfy_api.latest import io, ui
 
-from ..nudging_core.memorization import STILL_FLAGGED, merge_regenerated
+from ..nudging_core.memorization import PASSED, STILL_FLAGGED, merge_regenerated
 from .common import CATEGORY, VerdictType, user_input
 
 STILL_FLAGGED_ACTIONS = ("report", "blank")
@@ -66,7 +66,7 @@ class ConditionalRegenerate(io.ComfyNode):
             lines.append(line)
         status_text = "\n".join(lines)
         all_clear = STILL_FLAGGED not in merged.statuses
-        replaced = [b for b, s in enumerate(merged.statuses) if s != "passed"]
+        replaced = [b for b, s in enumerate(merged.statuses) if s != PASSED]
         details = {"statuses": merged.statuses, "distances_before": verdicts.distances,
                    "distances_after": merged.distances_after, "threshold": verdicts.threshold,
                    "replaced": replaced}

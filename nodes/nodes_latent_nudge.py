@@ -35,7 +35,7 @@ class LatentNudge(io.ComfyNode):
             display_name="Latent Nudge (Nudging)",
             category=CATEGORY,
             description="Optimises the latent by gradient descent (Adam) on beta*cos(z, undesired) - "
-                        "alpha*cos(z, desired) + proximity*mean((z - z0)^2), in SD latent space. When the undesired "
+                        "alpha*cos(z, desired) + proximity*mean(((z - z0)/std(z0))^2), in SD latent space. When the undesired "
                         "set comes from MemorizationFilter, each image is pushed from its own match and only the "
                         "flagged images are passed on, so the regenerate branch samples only those.",
             inputs=[
@@ -50,11 +50,11 @@ class LatentNudge(io.ComfyNode):
                 io.Float.Input("beta", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Weight of the push away from the undesired set."),
                 io.Float.Input("proximity", default=0.1, min=0.0, max=100.0, step=0.01,
-                               tooltip="Weight of staying close to the starting latent (mean squared change)."),
+                               tooltip="Weight of staying close to the starting latent (mean squared change, in units of the latent's spread)."),
                 io.Int.Input("steps", default=30, min=0, max=100000,
                              tooltip="Gradient steps; each is cheap (no UNet pass)."),
                 io.Float.Input("learning_rate", default=0.1, min=0.0, max=10.0, step=0.005,
-                               tooltip="Adam step size, in latent units per step."),
+                               tooltip="Adam step size per element, in units of the latent's standard deviation."),
                 io.Combo.Input("aggregate", options=list(AGGREGATES), default="max",
                                tooltip="How each set's cosines combine: max pushes from the nearest item, "
                                        "mean from the set as a whole."),

@@ -27,7 +27,7 @@ def guard_inputs() -> list:
                        tooltip="Weight of staying close to the sampler's own prediction."),
         io.Int.Input("steps", default=10, min=1, max=1000, tooltip="Gradient steps per sampler step (no UNet pass)."),
         io.Float.Input("learning_rate", default=0.05, min=0.0, max=10.0, step=0.005,
-                       tooltip="Adam step size per gradient step, in latent units."),
+                       tooltip="Adam step size per gradient step, in units of the prediction's standard deviation."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Where in the schedule the guard starts watching (0 = first step)."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,

@@ -4,12 +4,13 @@ Objective for one latent z (the paper's Eq. 2, written out):
 
     L(z) = beta  * agg_{u in U} cos(z, u)
          - alpha * agg_{d in D} cos(z, d)
-         + proximity * mean((z - z0)^2)
+         + proximity * mean(((z - z0) / std(z0))^2)
 
 in SD latent space (every latent flattened). `agg` is the mean over the set, or the max
 ("nearest"): the max pushes hardest from the closest item, the mean from the set as a whole.
-The optimiser is Adam: its per-element step size makes `learning_rate` mean "latent units
-per step" whatever the latent's scale, so one default works for any VAE.
+The change is measured in units of the starting latent's own standard deviation (z = z0 +
+std(z0) * delta, proximity on mean(delta^2)), and the optimiser is Adam, whose step is about
+`learning_rate` per element: so the settings mean the same for any VAE's latent scale.
 """
 from __future__ import annotations
 
@@ -112,24 +113,27 @@ def nudge_latents(
 
         with torch.no_grad():
             cu0, cd0 = terms(start)
-        z = start.clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([z], lr=settings.learning_rate)
+        # Optimise the change in units of each latent's own spread: z = z0 + scale * delta. Step
+        # size and proximity then mean the same for any VAE's latent scale.
+        scale = start.flatten(1).std(dim=1).clamp(min=1e-6).view(-1, *([1] * (start.ndim - 1)))
+        delta = torch.zeros_like(start, requires_grad=True)
+        optimiser = torch.optim.Adam([delta], lr=settings.learning_rate)
         for step in range(settings.steps):
             if not bool(active.any()):
                 break
             optimiser.zero_grad(set_to_none=True)
-            cu, cd = terms(z)
+            cu, cd = terms(start + scale * delta)
             loss_per = settings.beta * cu
             if cd is not None:
                 loss_per = loss_per - settings.alpha * cd
-            loss_per = loss_per + settings.proximity * (z - start).square().flatten(1).mean(dim=1)
+            loss_per = loss_per + settings.proximity * delta.square().flatten(1).mean(dim=1)
             loss = (loss_per * active).sum()
             loss.backward()
-            z.grad[~active] = 0
+            delta.grad[~active] = 0
             optimiser.step()
             if on_step is not None:
                 on_step(step + 1, float(loss.detach()))
-        result = z.detach().clone()
+        result = (start + scale * delta).detach()
         result[~active] = start[~active]
         with torch.no_grad():
             cu1, cd1 = terms(result)
