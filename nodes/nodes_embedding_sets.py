@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
 from ..nudging_core import embedding_set as sets

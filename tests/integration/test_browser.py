@@ -224,9 +224,19 @@ def screenshot(page, name: str, node_types: list[str] | None = None, thumbnail: 
             scaled.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
         assert os.path.getsize(path) <= MAX_PNG_BYTES, path
     if THUMBS and thumbnail:
-        canvas = page.locator("#graph-canvas").bounding_box()
-        box = [int(canvas["x"]), int(canvas["y"]), int(canvas["x"] + canvas["width"]), int(canvas["y"] + canvas["height"])]
-        thumb = image.crop(box) if canvas else image
+        # Crop to the nodes on screen (plus a margin), so the card shows the graph, not the chrome.
+        box = page.evaluate(
+            """() => { const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+                       const th = LiteGraph.NODE_TITLE_HEIGHT, xs = [], ys = [];
+                       for (const n of app.graph.nodes) {
+                           xs.push((n.pos[0] + ds.offset[0]) * ds.scale + r.left,
+                                   (n.pos[0] + n.size[0] + ds.offset[0]) * ds.scale + r.left);
+                           ys.push((n.pos[1] - th + ds.offset[1]) * ds.scale + r.top,
+                                   (n.pos[1] + n.size[1] + ds.offset[1]) * ds.scale + r.top);
+                       }
+                       return [Math.min(...xs) - 12, Math.min(...ys) - 12, Math.max(...xs) + 12, Math.max(...ys) + 12]; }""")
+        box = [max(0, int(box[0])), max(0, int(box[1])), min(image.width, int(box[2])), min(image.height, int(box[3]))]
+        thumb = image.crop(box)
         thumb.thumbnail((640, 400), Image.LANCZOS)
         thumb.save(os.path.join(THUMBS, f"{thumbnail}.jpg"), quality=85, optimize=True)
 
@@ -263,39 +273,40 @@ def run_workflow_in_browser(page, host, object_info, name, caption=None, seed=No
 def check_guard_views(page, prompt: dict, entry: dict) -> dict:
     """The canvas shows exactly what the server decided, for every image, on every pack node."""
     assert entry["status"].get("status_str") == "success", entry["status"]
-    filt, = ids_of(prompt, "MemorizationFilter")
-    regen, = ids_of(prompt, "ConditionalRegenerate")
-    nudge, = ids_of(prompt, "LatentNudge")
-    views = wait_for_views(page, [filt, regen, nudge])
-    verdicts = payload(entry, filt, "nudging_verdicts")
-    status = payload(entry, regen, "nudging_status")
-
-    shown = views[filt]
-    assert shown["panelVisible"], "the verdict panel is outside the node"
-    assert [r["badge"] for r in shown["rows"]] == ["FLAGGED" if im["flagged"] else "passed" for im in verdicts["images"]]
-    for row, im in zip(shown["rows"], verdicts["images"]):
-        assert f"{im['distance']:.4f}" in row["text"] and f"'{im['nearest']}'" in row["text"], row
-    flagged = sum(im["flagged"] for im in verdicts["images"])
-    assert shown["header"].startswith(f"{flagged} of {len(verdicts['images'])} flagged")
-
-    shown = views[regen]
-    assert shown["panelVisible"]
-    assert [r["badge"] for r in shown["rows"]] == status["statuses"]
-    if status["replaced"]:
-        k = len(status["replaced"])
-        assert shown["labels"][:k] == [f"before #{b}" for b in status["replaced"]]
-        assert all(label.startswith("after #") for label in shown["labels"][k:])
-        assert len(shown["labels"]) == 2 * k
-        assert len(entry["outputs"][regen]["images"]) == 2 * k
-
-    shown = views[nudge]
-    if flagged:
-        assert shown["header"].startswith("done"), shown
-        assert entry["outputs"].get(nudge) is not None
-    else:
-        assert shown["header"].startswith("not run"), shown
-        assert entry["outputs"].get(nudge) is None
-    return {"verdicts": verdicts, "status": status, "views": views}
+    filters, regens, nudges = (ids_of(prompt, t) for t in ("MemorizationFilter", "ConditionalRegenerate", "LatentNudge"))
+    views = wait_for_views(page, filters + regens + nudges)
+    result = {"views": views, "verdicts": None, "status": None}
+    flagged = 0
+    for filt in filters:
+        verdicts = result["verdicts"] = payload(entry, filt, "nudging_verdicts")
+        shown = views[filt]
+        assert shown["panelVisible"], "the verdict panel is outside the node"
+        assert [r["badge"] for r in shown["rows"]] == ["FLAGGED" if im["flagged"] else "passed"
+                                                       for im in verdicts["images"]]
+        for row, im in zip(shown["rows"], verdicts["images"]):
+            assert f"{im['distance']:.4f}" in row["text"] and f"'{im['nearest']}'" in row["text"], row
+        flagged = sum(im["flagged"] for im in verdicts["images"])
+        assert shown["header"].startswith(f"{flagged} of {len(verdicts['images'])} flagged")
+    for regen in regens:
+        status = result["status"] = payload(entry, regen, "nudging_status")
+        shown = views[regen]
+        assert shown["panelVisible"]
+        assert [r["badge"] for r in shown["rows"]] == status["statuses"]
+        if status["replaced"]:
+            k = len(status["replaced"])
+            assert shown["labels"][:k] == [f"before #{b}" for b in status["replaced"]]
+            assert all(label.startswith("after #") for label in shown["labels"][k:])
+            assert len(shown["labels"]) == 2 * k
+            assert len(entry["outputs"][regen]["images"]) == 2 * k
+    for nudge in nudges:
+        shown = views[nudge]
+        if flagged:
+            assert shown["header"].startswith("done"), shown
+            assert entry["outputs"].get(nudge) is not None
+        else:
+            assert shown["header"].startswith("not run"), shown
+            assert entry["outputs"].get(nudge) is None
+    return result
 
 
 def wait_for_toast(page, text: str, timeout: float = 10) -> list[str]:
@@ -434,6 +445,19 @@ def test_build_embedding_set_in_browser(page, host, object_info, fresh_seed):
     screenshot(page, "build_embedding_set", thumbnail="build_embedding_set")
 
 
+DEDICATED = {"memorization_guard", "nudge_toward_style", "build_embedding_set"}
+
+
+@pytest.mark.parametrize("name", sorted(set(WORKFLOWS) - DEDICATED))
+def test_other_shipped_workflows_run_in_browser(page, host, object_info, fresh_seed, name):
+    """Every shipped workflow without a dedicated test above: runs from the frontend, and the pack's
+    nodes in it show the server's verdicts."""
+    _name, caption, _ = memorizer_data.training_items()[0]
+    prompt, entry = run_workflow_in_browser(page, host, object_info, name, caption, fresh_seed)
+    check_guard_views(page, prompt, entry)
+    screenshot(page, name, thumbnail=name)
+
+
 def test_templates_are_listed_with_thumbnails(page, host):
     """The template browser lists the pack's workflows (custom_nodes/<pack>/workflows/*.json) and
     loads their thumbnails from /api/workflow_templates/<pack>/<name>.jpg (the frontend asks for .jpg)."""
@@ -443,13 +467,22 @@ def test_templates_are_listed_with_thumbnails(page, host):
         assert os.path.isfile(os.path.join(WORKFLOWS_DIR, f"{name}.jpg")), f"workflows/{name}.jpg missing: make screenshots"
         with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg") as resp:
             assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
-    # In the real dialog: the pack is a category, and its cards show the thumbnails.
+    # In the real dialog: the pack is a category, and its cards show the workflows and thumbnails.
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.get_by_text(PACK_NAME).first.click(timeout=30_000)
-    for name in WORKFLOWS:
-        page.locator(f"img[src*='/workflow_templates/{PACK_NAME}/{name}.jpg']").first.wait_for(timeout=30_000)
-    loaded = page.evaluate(
-        "(pack) => [...document.querySelectorAll(`img[src*='/workflow_templates/${pack}/']`)]"
-        ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)", PACK_NAME)
-    assert len(set(loaded)) >= len(WORKFLOWS), loaded
+    deadline = time.time() + 30
+    while True:
+        dialog = page.evaluate(
+            """() => ({text: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\\n'),
+                       imgs: [...document.querySelectorAll('.p-dialog img')]
+                           .map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}))})""")
+        # The frontend fetches thumbnails into blob: URLs; with the pack's category selected only its
+        # cards are shown ("Showing N of N templates"), so every loaded card image is ours.
+        loaded = [i for i in dialog["imgs"] if i["ok"]]
+        if (all(name in dialog["text"] for name in WORKFLOWS) and len(loaded) >= len(WORKFLOWS)
+                and f"Showing {len(WORKFLOWS)} of {len(WORKFLOWS)}" in dialog["text"]):
+            break
+        if time.time() > deadline:
+            raise AssertionError(f"template dialog: {dialog['text'][:2000]!r} {dialog['imgs'][:20]}")
+        time.sleep(0.5)
     screenshot(page, "template_browser")
