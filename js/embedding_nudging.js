@@ -1,0 +1,254 @@
+// Embedding Nudging: shows the memorization loop on the canvas.
+//
+// - MemorizationFilter: one row per image with passed / FLAGGED, distance vs threshold (with a
+//   gauge), and the nearest guarded item.
+// - ConditionalRegenerate: one row per image with passed / regenerated / still flagged, and
+//   before/after labels over its image previews (replaced originals, then their replacements).
+// - LatentNudge: a status line with the optimiser's step while it runs, the result after, and
+//   "cancelled" when the run is interrupted.
+// - A toast when something was flagged or is still flagged (setting: EmbeddingNudging.Toasts).
+//
+// Only documented extension points are used: registerExtension hooks, api events, onExecuted /
+// onDrawForeground chained in beforeRegisterNodeDef, custom canvas widgets with serialize off
+// (they never enter the saved workflow or the prompt).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import {
+  COLORS, PACK_NODE_COLOR, drawImageLabels, drawPanel, messageView, nudgeView, panelHeight, progressView,
+  statusView, verdictView,
+} from "./nudging_view.js";
+
+const EXTENSION = "EmbeddingNudging.Canvas";
+const TOAST_SETTING = "EmbeddingNudging.Toasts";
+const PACK_NODES = new Set([
+  "LoadEmbeddingSet", "BuildEmbeddingSet", "SaveEmbeddingSet", "MemorizationFilter", "LatentNudge",
+  "ConditionalRegenerate",
+]);
+const PACK_CATEGORY = "embedding nudging";
+const VIEW_NODES = new Set(["MemorizationFilter", "LatentNudge", "ConditionalRegenerate"]);
+const PANEL_WIDGET = "nudging_panel";
+const LABEL_WIDGET = "nudging_image_labels";
+const MIN_WIDTH = 0; // keep the workflow's layout: only grow in height
+
+function toastsEnabled() {
+  const store = app.extensionManager?.setting;
+  const value = store?.get ? store.get(TOAST_SETTING) : app.ui?.settings?.getSettingValue?.(TOAST_SETTING);
+  return value !== false;
+}
+
+function toast(severity, summary, detail, life = 8000) {
+  if (!toastsEnabled()) return;
+  const manager = app.extensionManager?.toast;
+  if (manager?.add) manager.add({ severity, summary, detail, life });
+  else console.info(`[embedding nudging] ${summary}: ${detail}`);
+}
+
+function classOf(node) {
+  return node?.comfyClass ?? node?.type;
+}
+
+function redraw() {
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+/** Show a view on a node: remember it, make the node tall enough, redraw. */
+function setView(node, view) {
+  node.nudging = view;
+  const min = node.computeSize();
+  const width = Math.max(node.size[0], min[0], view ? MIN_WIDTH : 0);
+  const height = Math.max(node.size[1], min[1]);
+  if (width !== node.size[0] || height !== node.size[1]) node.setSize([width, height]);
+  redraw();
+}
+
+function panelWidget(node) {
+  return {
+    name: PANEL_WIDGET,
+    type: PANEL_WIDGET,
+    value: "",
+    serialize: false, // not in widgets_values
+    options: { serialize: false }, // not in the prompt
+    computeSize(width) {
+      return [width ?? node.size[0], panelHeight(node.nudging)];
+    },
+    draw(ctx, drawnNode, width, y) {
+      if (drawnNode.nudging) drawPanel(ctx, drawnNode.nudging, 10, y + 2, width - 20);
+    },
+  };
+}
+
+function labelWidget(node) {
+  return {
+    name: LABEL_WIDGET,
+    type: LABEL_WIDGET,
+    value: "",
+    serialize: false,
+    options: { serialize: false },
+    computeSize(width) {
+      return [width ?? node.size[0], 0];
+    },
+    // Drawn after the image preview widget (kept last), so the labels sit on top of the images.
+    draw(ctx, drawnNode) {
+      const labels = drawnNode.nudging?.labels;
+      const imgs = drawnNode.imgs;
+      if (!labels?.length || !imgs?.length || imgs.length !== labels.length) return;
+      if (imgs.length > 1 && drawnNode.imageIndex == null && drawnNode.imageRects?.length === imgs.length) {
+        drawImageLabels(ctx, labels, drawnNode.imageRects);
+      } else {
+        const preview = drawnNode.widgets?.find((w) => w.name?.includes("image-preview"));
+        const index = drawnNode.imageIndex ?? 0;
+        if (preview) drawImageLabels(ctx, [labels[index]], [[6, preview.y + 6, drawnNode.size[0] - 12, 20]]);
+      }
+    },
+  };
+}
+
+function keepLast(node, widget) {
+  const widgets = node.widgets;
+  if (!widgets) return;
+  const i = widgets.indexOf(widget);
+  if (i >= 0 && i !== widgets.length - 1) {
+    widgets.splice(i, 1);
+    widgets.push(widget);
+  }
+}
+
+function onVerdicts(node, output) {
+  const view = verdictView(output);
+  if (!view) return;
+  setView(node, view);
+  if (view.flaggedCount) {
+    const flagged = view.data.images.filter((im) => im.flagged);
+    const detail = flagged.slice(0, 3)
+      .map((im) => `image ${im.index}: distance ${im.distance.toFixed(4)} to '${im.nearest}'`).join("; ");
+    toast("warn", `Memorization filter: ${view.flaggedCount} of ${view.total} flagged`,
+      `${detail}${flagged.length > 3 ? "; …" : ""} (threshold ${view.data.threshold}). Regenerating.`);
+  }
+}
+
+function onStatus(node, output) {
+  const view = statusView(output);
+  if (!view) return;
+  setView(node, view);
+  if (view.stillFlagged) {
+    toast("error", `${view.stillFlagged} image(s) still flagged after regeneration`,
+      "Still close to a guarded image: raise LatentNudge's beta or steps, lower the regenerate denoise less, " +
+      "or set still_flagged_action to 'blank'.", 12000);
+  }
+}
+
+function onNudge(node, output) {
+  const view = nudgeView(output);
+  if (view) setView(node, view);
+}
+
+const HANDLERS = { MemorizationFilter: onVerdicts, ConditionalRegenerate: onStatus, LatentNudge: onNudge };
+
+// Per run: which nodes executed, so a LatentNudge that the lazy branch skipped says so.
+const run = { promptId: null, ran: new Set() };
+
+function viewNodes(type) {
+  return (app.graph?.nodes ?? []).filter((n) => (type ? classOf(n) === type : VIEW_NODES.has(classOf(n))));
+}
+
+function nodeById(id) {
+  return id == null ? null : app.graph?.getNodeById(id) ?? null;
+}
+
+function bindRunEvents() {
+  api.addEventListener("execution_start", ({ detail }) => {
+    run.promptId = detail?.prompt_id ?? null;
+    run.ran = new Set();
+    for (const node of viewNodes()) {
+      if (classOf(node) === "LatentNudge") setView(node, messageView("waiting: runs only if an image is flagged"));
+      else if (node.nudging) node.nudging = { ...node.nudging, stale: true };
+    }
+    redraw();
+  });
+  api.addEventListener("executing", ({ detail }) => {
+    if (detail != null) run.ran.add(String(detail));
+  });
+  api.addEventListener("executed", ({ detail }) => {
+    run.ran.add(String(detail?.display_node ?? detail?.node));
+  });
+  api.addEventListener("progress", ({ detail }) => {
+    const node = nodeById(detail?.node);
+    if (classOf(node) !== "LatentNudge") return;
+    node.nudgingProgress = { value: detail.value, max: detail.max };
+    setView(node, progressView(detail.value, detail.max));
+  });
+  api.addEventListener("execution_interrupted", ({ detail }) => {
+    for (const node of viewNodes("LatentNudge")) {
+      if (node.nudging?.running) {
+        const p = node.nudgingProgress ?? { value: 0, max: 0 };
+        setView(node, messageView(`cancelled at step ${p.value} / ${p.max}: nothing passed on`, COLORS.idle));
+      } else if (!run.ran.has(String(node.id))) {
+        setView(node, messageView("cancelled before it ran", COLORS.idle));
+      }
+    }
+    toast("info", "Run cancelled", `Stopped at ${detail?.node_type ?? "a node"}.`, 4000);
+  });
+  api.addEventListener("execution_error", ({ detail }) => {
+    const node = nodeById(detail?.node_id);
+    if (node && VIEW_NODES.has(classOf(node))) {
+      setView(node, messageView(`failed: ${detail.exception_message ?? "error"}`, COLORS.flagged));
+    }
+  });
+  api.addEventListener("execution_success", () => {
+    for (const node of viewNodes("LatentNudge")) {
+      if (!run.ran.has(String(node.id))) {
+        setView(node, messageView("not run: nothing was flagged (lazy branch skipped)", COLORS.passed));
+      }
+    }
+  });
+}
+
+app.registerExtension({
+  name: EXTENSION,
+  settings: [
+    {
+      id: TOAST_SETTING,
+      category: ["Embedding Nudging", "Notifications", "Toasts"],
+      name: "Show a toast when an image is flagged or still flagged after regeneration",
+      type: "boolean",
+      defaultValue: true,
+    },
+  ],
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (String(nodeData.category ?? "").startsWith(PACK_CATEGORY)) PACK_NODES.add(nodeData.name);
+    const handler = HANDLERS[nodeData.name];
+    if (!handler) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      const r = onExecuted?.apply(this, arguments);
+      handler(this, output);
+      return r;
+    };
+    if (nodeData.name === "ConditionalRegenerate") {
+      const onDrawForeground = nodeType.prototype.onDrawForeground;
+      nodeType.prototype.onDrawForeground = function () {
+        const r = onDrawForeground?.apply(this, arguments);
+        // The image preview widget appears after a run; keep the label overlay drawn after it.
+        if (this.nudgingLabels) keepLast(this, this.nudgingLabels);
+        return r;
+      };
+    }
+  },
+
+  nodeCreated(node) {
+    const type = classOf(node);
+    if (!PACK_NODES.has(type)) return;
+    if (!node.color && !node.bgcolor) {
+      node.color = PACK_NODE_COLOR.color;
+      node.bgcolor = PACK_NODE_COLOR.bgcolor;
+    }
+    if (!VIEW_NODES.has(type)) return;
+    node.addCustomWidget(panelWidget(node));
+    if (type === "ConditionalRegenerate") node.nudgingLabels = node.addCustomWidget(labelWidget(node));
+  },
+
+  setup() {
+    bindRunEvents();
+  },
+});
