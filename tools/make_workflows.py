@@ -42,17 +42,17 @@ def guard_loop(b: WorkflowBuilder, desired_set_node: int | None = None, alpha: f
     ckpt, pos, neg, sampler, decode = txt2img(b)
     guarded = b.add("LoadEmbeddingSet", (800, 320), set_name=GUARDED_SET, size=(315, 82))
     filt = b.add("MemorizationFilter", (1160, 120), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
-                 size=(340, 190))
+                 size=(420, 220))
     extra = {} if desired_set_node is None else {"desired_set": (desired_set_node, 0)}
     nudge = b.add("LatentNudge", (1160, 380), latent=(sampler, 0), undesired_set=(filt, 3), alpha=alpha, beta=1.0,
-                  proximity=0.1, steps=30, learning_rate=0.1, aggregate="max", size=(340, 290), **extra)
-    regen = b.add("KSampler", (1540, 380), title="Regenerate (nudged)", model=(ckpt, 0), positive=(pos, 0),
+                  proximity=0.1, steps=30, learning_rate=0.1, aggregate="max", size=(420, 300), **extra)
+    regen = b.add("KSampler", (1620, 380), title="Regenerate (nudged)", model=(ckpt, 0), positive=(pos, 0),
                   negative=(neg, 0), latent_image=(nudge, 0), seed=43, steps=20, cfg=7.5, sampler_name="euler",
                   scheduler="normal", denoise=0.6, size=(315, 262))
-    decode2 = b.add("VAEDecode", (1900, 380), samples=(regen, 0), vae=(ckpt, 2), size=(210, 46))
-    cond = b.add("ConditionalRegenerate", (1540, 0), verdicts=(filt, 0), images=(decode, 0),
-                 regenerated=(decode2, 0), still_flagged_action="report", size=(340, 250))
-    b.add("SaveImage", (1920, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
+    decode2 = b.add("VAEDecode", (1980, 380), samples=(regen, 0), vae=(ckpt, 2), size=(210, 46))
+    cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
+                 regenerated=(decode2, 0), still_flagged_action="report", size=(420, 330))
+    b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
     b.note(GUARD_NOTE, (0, 360), size=(760, 170))
     return cond
 
@@ -99,8 +99,8 @@ def single_pass_guard(info: dict) -> dict:
                     sampler_name="euler", scheduler="normal", denoise=1.0, size=(315, 262))
     decode = b.add("VAEDecode", (1180, 0), samples=(sampler, 0), vae=(ckpt, 2), size=(210, 46))
     b.add("MemorizationFilter", (1180, 100), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
-          size=(340, 190))
-    b.add("SaveImage", (1560, 0), images=(decode, 0), filename_prefix="nudging/single_pass", size=(320, 300))
+          size=(420, 220))
+    b.add("SaveImage", (1640, 0), images=(decode, 0), filename_prefix="nudging/single_pass", size=(320, 300))
     b.note("Single-pass guard: the patched model watches the sampler's predicted clean latent at every step and "
            "nudges an image away from the guarded set as soon as it comes close, inside the same pass (no second "
            "generation). Prompts that never come close run unchanged. MemorizationFilter still checks the final "
