@@ -1,0 +1,113 @@
+"""NudgeRegenerate: LatentNudge + partial resampling + re-test, retried harder for the images
+that are still copies. Goes in ConditionalRegenerate's lazy branch, so only flagged prompts pay."""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import io
+
+from ..nudging_core.embedding_set import check_latent_compatible
+from ..nudging_core.escape import regenerate_until_clear
+from ..nudging_core.memorization import check_pixels
+from ..nudging_core.nudge import NudgeSettings
+from .common import CATEGORY, EmbeddingSetType, NudgeNodeError, VerdictType, user_input
+
+
+class NudgeRegenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NudgeRegenerate",
+            display_name="Nudge and Regenerate (Nudging)",
+            category=CATEGORY,
+            description="For each flagged image: nudges its generated latent away from the guarded item it matched "
+                        "(LatentNudge's objective), re-noises it part way and samples again, decodes and re-tests it. "
+                        "Images that are still copies are tried again with beta multiplied by `growth`, up to "
+                        "`max_attempts`. Outputs only the flagged images' replacements, for ConditionalRegenerate.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that generated the images."),
+                io.Conditioning.Input("positive", tooltip="The generation's positive conditioning."),
+                io.Conditioning.Input("negative", tooltip="The generation's negative conditioning."),
+                io.Vae.Input("vae", tooltip="The graph's VAE, to decode and re-test each attempt."),
+                io.Latent.Input("latent", tooltip="The first pass's generated (denoised) latent."),
+                VerdictType.Input("verdicts", tooltip="MemorizationFilter's verdicts for that latent's images."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed for the re-noising (attempt k uses seed + k)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampler steps (as in KSampler)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="Sampler, as in KSampler."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="Scheduler, as in KSampler."),
+                io.Float.Input("denoise", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="How far the nudged latent is re-noised before sampling again: low keeps the "
+                                       "nudge, high lets a memorizing model pull the image back."),
+                io.Float.Input("beta", default=1.0, min=0.0, max=1000.0, step=0.05,
+                               tooltip="Push away from the matched item on the first attempt."),
+                io.Float.Input("proximity", default=1.0, min=0.0, max=1000.0, step=0.05,
+                               tooltip="Pull toward the generated latent (in units of its spread)."),
+                io.Int.Input("nudge_steps", default=30, min=1, max=10000, tooltip="Adam steps of each nudge."),
+                io.Float.Input("learning_rate", default=0.05, min=0.0, max=10.0, step=0.005,
+                               tooltip="Adam step per element, in units of the latent's standard deviation."),
+                io.Int.Input("max_attempts", default=4, min=1, max=20,
+                             tooltip="Attempts per image before it is handed on as still flagged."),
+                io.Float.Input("growth", default=2.0, min=1.0, max=10.0, step=0.1,
+                               tooltip="Factor beta grows by after each failed attempt."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="Replacements for the flagged images, in batch order."),
+                io.Latent.Output(display_name="latent", tooltip="Their latents."),
+                io.String.Output(display_name="report", tooltip="Attempts and final distance per image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, vae, latent, verdicts, seed, steps, cfg, sampler_name, scheduler,
+                denoise, beta, proximity, nudge_steps, learning_rate, max_attempts, growth) -> io.NodeOutput:
+        samples = latent["samples"]
+        if samples.shape[0] != len(verdicts.flagged):
+            raise NudgeNodeError(f"NudgeRegenerate: input 'latent': {samples.shape[0]} latents but the verdicts "
+                                 f"cover {len(verdicts.flagged)} images; connect the latent MemorizationFilter's "
+                                 "images were decoded from")
+        rows = [b for b, hit in enumerate(verdicts.flagged) if hit]
+        if not rows:
+            raise NudgeNodeError("NudgeRegenerate: input 'verdicts': nothing was flagged; connect this node to "
+                                 "ConditionalRegenerate's lazy 'regenerated' input so it only runs when needed")
+        matched = verdicts.matched_set()
+        with user_input("NudgeRegenerate", "verdicts"):
+            check_latent_compatible(matched, samples, "guarded")
+        progress = comfy.utils.ProgressBar(max_attempts * steps)
+        attempt_offset = [0]
+
+        def regenerate(nudged, attempt):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            noise = comfy.sample.prepare_noise(nudged, seed + attempt)
+            attempt_offset[0] = attempt * steps
+
+            def callback(step, _x0, _x, total):
+                progress.update_absolute(attempt_offset[0] + step + 1, max_attempts * steps)
+
+            out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, nudged,
+                                      denoise=denoise, callback=callback, disable_pbar=True, seed=seed + attempt)
+            return vae.decode(out), out
+
+        def test(images):
+            with user_input("NudgeRegenerate", "vae"):
+                verdict = check_pixels(images, verdicts.guarded, verdicts.threshold)
+            return verdict.flagged, verdict.distances
+
+        settings = NudgeSettings(alpha=0.0, beta=beta, proximity=proximity, steps=nudge_steps,
+                                 learning_rate=learning_rate, aggregate="max")
+        with user_input("NudgeRegenerate", "latent"):
+            result = regenerate_until_clear(samples[rows], matched.latents, settings, regenerate, test,
+                                            max_attempts=max_attempts, growth=growth)
+        lines = [f"image {b}: {'STILL A COPY' if result.still_copy[k] else 'escaped'} after {result.attempts[k]} "
+                 f"attempt(s), distance {verdicts.distances[b]:.4f} -> {result.distances[k]:.4f}"
+                 for k, b in enumerate(rows)]
+        report = "\n".join(lines)
+        return io.NodeOutput(result.images, {"samples": result.latents}, report, ui={"text": [report]})
+
+
+NODES = [NudgeRegenerate]
