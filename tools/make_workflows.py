@@ -19,11 +19,12 @@ PROMPT = "Ann Graham Lotz"   # a caption Carlini et al. extracted from SD 1.4
 
 GUARD_NOTE = (
     "Memorization guard (SD 1.4). The first KSampler generates; MemorizationFilter compares the image with the "
-    "guarded set (tiled L2 < 0.1 = a copy). Only when it fires does ConditionalRegenerate ask for the lower branch: "
-    "LatentNudge pushes the GENERATED latent away from the matched training image (a memorized prompt returns to "
-    "the same image from any starting noise, so nudging only the initial noise rarely escapes), then the second "
-    "KSampler re-noises it part way (denoise 0.6) and denoises it again. Every replacement is re-tested; one that "
-    "is still a copy is reported as 'still flagged'.")
+    "guarded set (tiled L2 < 0.1 = a copy). Only when it fires does ConditionalRegenerate ask for its lazy input: "
+    "NudgeRegenerate pushes the GENERATED latent away from the matched training image (a memorized prompt returns "
+    "to the same image from any starting noise, so nudging only the initial noise rarely escapes), re-noises it a "
+    "little (denoise 0.3), samples again, decodes and re-tests; images that are still copies are retried with a "
+    "doubled push, up to 6 times. ConditionalRegenerate re-tests every replacement; one that is still a copy is "
+    "reported as 'still flagged'.")
 
 
 def txt2img(b: WorkflowBuilder, x0: int = 0):
@@ -39,27 +40,39 @@ def txt2img(b: WorkflowBuilder, x0: int = 0):
 
 
 def guard_loop(b: WorkflowBuilder, desired_set_node: int | None = None, alpha: float = 0.0):
+    """The two-pass loop with LatentNudge and a second KSampler (composable; optional desired set)."""
     ckpt, pos, neg, sampler, decode = txt2img(b)
     guarded = b.add("LoadEmbeddingSet", (800, 320), set_name=GUARDED_SET, size=(315, 82))
     filt = b.add("MemorizationFilter", (1160, 120), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
                  size=(420, 220))
     extra = {} if desired_set_node is None else {"desired_set": (desired_set_node, 0)}
     nudge = b.add("LatentNudge", (1160, 380), latent=(sampler, 0), undesired_set=(filt, 3), alpha=alpha, beta=1.0,
-                  proximity=0.1, steps=30, learning_rate=0.1, aggregate="max", size=(420, 300), **extra)
+                  proximity=1.0, steps=30, learning_rate=0.1, aggregate="max", size=(420, 300), **extra)
     regen = b.add("KSampler", (1620, 380), title="Regenerate (nudged)", model=(ckpt, 0), positive=(pos, 0),
                   negative=(neg, 0), latent_image=(nudge, 0), seed=43, steps=20, cfg=7.5, sampler_name="euler",
-                  scheduler="normal", denoise=0.6, size=(315, 262))
+                  scheduler="normal", denoise=0.3, size=(315, 262))
     decode2 = b.add("VAEDecode", (1980, 380), samples=(regen, 0), vae=(ckpt, 2), size=(210, 46))
     cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
                  regenerated=(decode2, 0), still_flagged_action="report", size=(420, 330))
     b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
-    b.note(GUARD_NOTE, (0, 360), size=(760, 170))
     return cond
 
 
 def memorization_guard(info: dict) -> dict:
+    """Filter -> NudgeRegenerate (nudge, partial resample, re-test, retry harder) -> ConditionalRegenerate."""
     b = WorkflowBuilder(info)
-    guard_loop(b)
+    ckpt, pos, neg, sampler, decode = txt2img(b)
+    guarded = b.add("LoadEmbeddingSet", (800, 320), set_name=GUARDED_SET, size=(315, 82))
+    filt = b.add("MemorizationFilter", (1160, 120), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
+                 size=(420, 220))
+    regen = b.add("NudgeRegenerate", (1160, 380), model=(ckpt, 0), positive=(pos, 0), negative=(neg, 0),
+                  vae=(ckpt, 2), latent=(sampler, 0), verdicts=(filt, 0), seed=43, steps=20, cfg=7.5,
+                  sampler_name="euler", scheduler="normal", denoise=0.3, beta=1.0, proximity=1.0, nudge_steps=30,
+                  learning_rate=0.05, max_attempts=6, growth=2.0, size=(420, 470))
+    cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
+                 regenerated=(regen, 0), still_flagged_action="report", size=(420, 330))
+    b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
+    b.note(GUARD_NOTE, (0, 360), size=(760, 190))
     return b.workflow()
 
 
@@ -67,8 +80,10 @@ def nudge_toward_style(info: dict) -> dict:
     b = WorkflowBuilder(info)
     style = b.add("LoadEmbeddingSet", (800, 700), title="Desired style", set_name=STYLE_SET, size=(315, 82))
     guard_loop(b, desired_set_node=style, alpha=1.0)
-    b.note("Same loop as memorization_guard.json, but LatentNudge also pulls the regenerated image toward a "
-           "desired set (alpha): build it from a few images in the style to keep with build_embedding_set.json.",
+    b.note("The loop built from single steps: LatentNudge pushes the generated latent from the matched item and "
+           "pulls it toward a desired set (alpha; build it from a few images in the style to keep with "
+           "build_embedding_set.json), then a second KSampler re-noises it a little (denoise 0.3) and samples again. "
+           "One attempt, no retries: memorization_guard.json's NudgeRegenerate retries harder where needed.",
            (0, 560), size=(760, 110), title="Pull toward a style")
     return b.workflow()
 

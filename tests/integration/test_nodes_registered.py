@@ -1,6 +1,6 @@
 """The server lists the pack's nodes, each with a description and a tooltip on every input."""
 PACK_NODES = ["LoadEmbeddingSet", "BuildEmbeddingSet", "SaveEmbeddingSet", "MemorizationFilter", "LatentNudge",
-              "ConditionalRegenerate"]
+              "NudgeRegenerate", "ConditionalRegenerate", "MemorizationGuardModel", "MemorizationGuardGuider"]
 
 
 def test_object_info_lists_every_node_with_description_and_tooltips(object_info):
