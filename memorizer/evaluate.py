@@ -64,7 +64,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    from memorizer.comfy_import import import_comfy
+    from host.comfy_env import import_comfy
     import_comfy()
     import comfy.sd
     from memorizer.data import training_items, unseen_captions, tiled_l2

@@ -49,7 +49,7 @@ def log(msg, fh=None):
 
 def setup(threads):
     torch.set_num_threads(threads)
-    from memorizer.comfy_import import import_comfy
+    from host.comfy_env import import_comfy
     import_comfy()
 
 
