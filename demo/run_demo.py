@@ -148,7 +148,9 @@ def main(argv=None) -> int:
             before = copy_outputs(host, entry, prompt, "ConditionalRegenerate", "temp", out, f"before_after_{i:02d}")
             images.append({"prompt": caption, "seed": seed, "flagged_before": verdict["flagged"],
                            "distance_before": verdict["distance"], "nearest": verdict["nearest"],
-                           "status": status["statuses"][0], "distance_after": status["distances_after"][0],
+                           "status": status["statuses"][0],
+                           "distance_after": None if status["distances_after"][0] is None
+                           else round(status["distances_after"][0], 5),
                            "file": final[0] if final else None, "before_files": before})
             print(f"[demo] {caption!r} seed {seed}: {images[-1]['status']} "
                   f"(distance {verdict['distance']:.4f}"

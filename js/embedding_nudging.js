@@ -6,6 +6,8 @@
 //   before/after labels over its image previews (replaced originals, then their replacements).
 // - LatentNudge: a status line with the optimiser's step while it runs, the result after, and
 //   "cancelled" when the run is interrupted.
+// - NudgeRegenerate: a status line with the attempt and sampler step while it runs; after, one
+//   row per flagged image: "escaped" after N attempt(s) or "STILL A COPY", distance before → after.
 // - A toast when something was flagged or is still flagged (setting: EmbeddingNudging.Toasts).
 //
 // Only documented extension points are used: registerExtension hooks, api events, onExecuted /
@@ -15,17 +17,19 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
   COLORS, PACK_NODE_COLOR, drawImageLabels, drawPanel, messageView, nudgeView, panelHeight, progressView,
-  statusView, verdictView,
+  regenerateProgressView, regenerateView, statusView, verdictView,
 } from "./nudging_view.js";
 
 const EXTENSION = "EmbeddingNudging.Canvas";
 const TOAST_SETTING = "EmbeddingNudging.Toasts";
 const PACK_NODES = new Set([
   "LoadEmbeddingSet", "BuildEmbeddingSet", "SaveEmbeddingSet", "MemorizationFilter", "LatentNudge",
-  "ConditionalRegenerate",
+  "NudgeRegenerate", "ConditionalRegenerate",
 ]);
 const PACK_CATEGORY = "embedding nudging";
-const VIEW_NODES = new Set(["MemorizationFilter", "LatentNudge", "ConditionalRegenerate"]);
+const VIEW_NODES = new Set(["MemorizationFilter", "LatentNudge", "NudgeRegenerate", "ConditionalRegenerate"]);
+// Nodes on ConditionalRegenerate's lazy branch: they say whether they ran and show their progress.
+const LAZY_NODES = new Set(["LatentNudge", "NudgeRegenerate"]);
 const PANEL_WIDGET = "nudging_panel";
 const LABEL_WIDGET = "nudging_image_labels";
 const MIN_WIDTH = 0; // keep the workflow's layout: only grow in height
@@ -132,8 +136,8 @@ function onStatus(node, output) {
   setView(node, view);
   if (view.stillFlagged) {
     toast("error", `${view.stillFlagged} image(s) still flagged after regeneration`,
-      "Still close to a guarded image: raise LatentNudge's beta or steps, lower the regenerate denoise less, " +
-      "or set still_flagged_action to 'blank'.", 12000);
+      "Still close to a guarded image: raise NudgeRegenerate's max_attempts or growth (or LatentNudge's beta " +
+      "or steps), or set still_flagged_action to 'blank'.", 12000);
   }
 }
 
@@ -142,7 +146,30 @@ function onNudge(node, output) {
   if (view) setView(node, view);
 }
 
-const HANDLERS = { MemorizationFilter: onVerdicts, ConditionalRegenerate: onStatus, LatentNudge: onNudge };
+function onRegenerate(node, output) {
+  const view = regenerateView(output);
+  if (view) setView(node, view);
+}
+
+const HANDLERS = {
+  MemorizationFilter: onVerdicts, ConditionalRegenerate: onStatus, LatentNudge: onNudge, NudgeRegenerate: onRegenerate,
+};
+
+function widgetValue(node, name) {
+  return node.widgets?.find((w) => w.name === name)?.value;
+}
+
+function progressFor(node, value, max) {
+  if (classOf(node) === "NudgeRegenerate") {
+    return regenerateProgressView(value, max, Number(widgetValue(node, "steps")),
+      Number(widgetValue(node, "max_attempts")));
+  }
+  return progressView(value, max);
+}
+
+function lazyNodes() {
+  return (app.graph?.nodes ?? []).filter((n) => LAZY_NODES.has(classOf(n)));
+}
 
 // Per run: which nodes executed, so a LatentNudge that the lazy branch skipped says so.
 const run = { promptId: null, ran: new Set() };
@@ -160,28 +187,37 @@ function bindRunEvents() {
     run.promptId = detail?.prompt_id ?? null;
     run.ran = new Set();
     for (const node of viewNodes()) {
-      if (classOf(node) === "LatentNudge") setView(node, messageView("waiting: runs only if an image is flagged"));
+      node.nudgingProgress = null;
+      if (LAZY_NODES.has(classOf(node))) setView(node, messageView("waiting: runs only if an image is flagged"));
       else if (node.nudging) node.nudging = { ...node.nudging, stale: true };
     }
     redraw();
   });
   api.addEventListener("executing", ({ detail }) => {
-    if (detail != null) run.ran.add(String(detail));
+    if (detail == null) return;
+    run.ran.add(String(detail));
+    const node = nodeById(detail);
+    if (classOf(node) === "NudgeRegenerate") {
+      setView(node, { ...messageView("nudging the flagged latent(s)…", COLORS.running), running: true });
+    }
   });
   api.addEventListener("executed", ({ detail }) => {
     run.ran.add(String(detail?.display_node ?? detail?.node));
   });
   api.addEventListener("progress", ({ detail }) => {
     const node = nodeById(detail?.node);
-    if (classOf(node) !== "LatentNudge") return;
+    if (!LAZY_NODES.has(classOf(node))) return;
     node.nudgingProgress = { value: detail.value, max: detail.max };
-    setView(node, progressView(detail.value, detail.max));
+    setView(node, progressFor(node, detail.value, detail.max));
   });
   api.addEventListener("execution_interrupted", ({ detail }) => {
-    for (const node of viewNodes("LatentNudge")) {
+    for (const node of lazyNodes()) {
       if (node.nudging?.running) {
         const p = node.nudgingProgress ?? { value: 0, max: 0 };
-        setView(node, messageView(`cancelled at step ${p.value} / ${p.max}: nothing passed on`, COLORS.idle));
+        const at = classOf(node) === "NudgeRegenerate" && p.max
+          ? progressFor(node, p.value, p.max).header.replace("regenerating: ", "")
+          : `step ${p.value} / ${p.max}`;
+        setView(node, messageView(`cancelled at ${at}: nothing passed on`, COLORS.idle));
       } else if (!run.ran.has(String(node.id))) {
         setView(node, messageView("cancelled before it ran", COLORS.idle));
       }
@@ -195,7 +231,7 @@ function bindRunEvents() {
     }
   });
   api.addEventListener("execution_success", () => {
-    for (const node of viewNodes("LatentNudge")) {
+    for (const node of lazyNodes()) {
       if (!run.ran.has(String(node.id))) {
         setView(node, messageView("not run: nothing was flagged (lazy branch skipped)", COLORS.passed));
       }

@@ -123,6 +123,58 @@ export function nudgeView(output) {
   };
 }
 
+const REGEN_LINE = /^image (\d+): (escaped|STILL A COPY) after (\d+) attempt\(s\), distance (\S+) -> (\S+)/;
+
+/** NudgeRegenerate: one row per flagged image, parsed from its report (ui text). */
+export function regenerateView(output) {
+  const text = output?.text?.[0];
+  if (text == null) return null;
+  const rows = [];
+  let escaped = 0;
+  let still = 0;
+  for (const line of String(text).split("\n")) {
+    const m = REGEN_LINE.exec(line.trim());
+    if (!m) continue;
+    const copy = m[2] === "STILL A COPY";
+    if (copy) still += 1;
+    else escaped += 1;
+    rows.push({
+      badge: copy ? "STILL A COPY" : "escaped",
+      color: copy ? COLORS.stillFlagged : COLORS.regenerated,
+      text: `#${m[1]}  after ${m[3]} attempt(s)  ${m[4]} → ${m[5]}`,
+    });
+  }
+  let header = rows.length ? `${escaped} escaped` : String(text).split("\n")[0] || "done";
+  if (still) header = `${still} still a copy, ${escaped} escaped`;
+  else if (rows.length) header = `all ${escaped} escaped`;
+  return {
+    kind: "regenerate",
+    header,
+    headerColor: still ? COLORS.stillFlagged : COLORS.regenerated,
+    rows,
+    escaped,
+    stillCopy: still,
+  };
+}
+
+/** NudgeRegenerate while it runs: progress runs over max_attempts x steps sampler steps. */
+export function regenerateProgressView(value, max, steps, maxAttempts) {
+  let header = `regenerating: ${value} / ${max}`;
+  if (steps > 0 && maxAttempts > 0 && steps * maxAttempts === max) {
+    const attempt = Math.min(maxAttempts, Math.floor(Math.max(0, value - 1) / steps) + 1);
+    const step = value - (attempt - 1) * steps;
+    header = `regenerating: attempt ${attempt} of up to ${maxAttempts}, step ${step} / ${steps}`;
+  }
+  return {
+    kind: "regenerate",
+    header,
+    headerColor: COLORS.running,
+    rows: [],
+    progress: max > 0 ? value / max : 0,
+    running: true,
+  };
+}
+
 export function progressView(value, max) {
   return {
     kind: "nudge",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 import urllib.request
 
@@ -34,6 +35,9 @@ MAX_PNG_BYTES = 300_000
 WORKFLOWS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "workflows")
 WORKFLOWS = sorted(f[:-5] for f in os.listdir(WORKFLOWS_DIR) if f.endswith(".json"))
 RUN_TIMEOUT = 600
+REGEN_LINE = re.compile(r"^image (\d+): (escaped|STILL A COPY) after (\d+) attempt\(s\), distance (\S+) -> (\S+)$")
+GUARD_NODES = ["MemorizationFilter", "ConditionalRegenerate", "NudgeRegenerate"]   # memorization_guard.json
+STYLE_NODES = ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"]       # nudge_toward_style.json
 
 
 # --- browser session ------------------------------------------------------------------------
@@ -57,6 +61,15 @@ def browser(host):
 def page(browser, host):
     context = browser.new_context(viewport=VIEWPORT)
     context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # the Nodes 2.0 banner
+    # Every toast shown, even one that expired while a long run went on (window.__toastsSeen).
+    context.add_init_script("""
+        window.__toastsSeen = [];
+        new MutationObserver(() => {
+            for (const t of document.querySelectorAll('.p-toast-message')) {
+                const text = t.innerText;
+                if (text && !window.__toastsSeen.includes(text)) window.__toastsSeen.push(text);
+            }
+        }).observe(document, {childList: true, subtree: true, characterData: true});""")
     pg = context.new_page()
     errors = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -183,7 +196,9 @@ def wait_for_views(page, node_ids: list[str], timeout: float = 30) -> dict:
 
 
 def toasts(page) -> list[str]:
-    return page.evaluate("() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)")
+    """The toasts on screen now and those shown earlier on this page (they expire after a few seconds)."""
+    return page.evaluate("""() => [...new Set([...(window.__toastsSeen || []),
+                                  ...[...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)])]""")
 
 
 def ids_of(prompt: dict, class_type: str) -> list[str]:
@@ -273,9 +288,10 @@ def run_workflow_in_browser(page, host, object_info, name, caption=None, seed=No
 def check_guard_views(page, prompt: dict, entry: dict) -> dict:
     """The canvas shows exactly what the server decided, for every image, on every pack node."""
     assert entry["status"].get("status_str") == "success", entry["status"]
-    filters, regens, nudges = (ids_of(prompt, t) for t in ("MemorizationFilter", "ConditionalRegenerate", "LatentNudge"))
-    views = wait_for_views(page, filters + regens + nudges)
-    result = {"views": views, "verdicts": None, "status": None}
+    filters, regens, nudges, retries = (ids_of(prompt, t) for t in
+                                        ("MemorizationFilter", "ConditionalRegenerate", "LatentNudge", "NudgeRegenerate"))
+    views = wait_for_views(page, filters + regens + nudges + retries)
+    result = {"views": views, "verdicts": None, "status": None, "report": None}
     flagged = 0
     for filt in filters:
         verdicts = result["verdicts"] = payload(entry, filt, "nudging_verdicts")
@@ -306,6 +322,30 @@ def check_guard_views(page, prompt: dict, entry: dict) -> dict:
         else:
             assert shown["header"].startswith("not run"), shown
             assert entry["outputs"].get(nudge) is None
+    for retry in retries:
+        shown = views[retry]
+        if not flagged:
+            assert shown["header"].startswith("not run"), shown
+            assert entry["outputs"].get(retry) is None
+            continue
+        assert shown["panelVisible"], "the NudgeRegenerate panel is outside the node"
+        report = entry["outputs"][retry]["text"][0]
+        lines = [REGEN_LINE.match(line) for line in report.splitlines()]
+        assert lines and all(lines), report
+        result["report"] = [(int(m[1]), m[2], int(m[3]), m[4], m[5]) for m in lines]
+        # One row per flagged image, in the report's order, with its attempts and distances.
+        assert [m[0] for m in result["report"]] == [im["index"] for im in result["verdicts"]["images"] if im["flagged"]]
+        assert [r["badge"] for r in shown["rows"]] == ["STILL A COPY" if m[1] == "STILL A COPY" else "escaped"
+                                                       for m in result["report"]]
+        for row, (b, _, attempts, before, after) in zip(shown["rows"], result["report"]):
+            assert row["text"] == f"#{b}  after {attempts} attempt(s)  {before} → {after}", row
+        still = sum(m[1] == "STILL A COPY" for m in result["report"])
+        assert shown["header"] == (f"{still} still a copy, {len(lines) - still} escaped" if still
+                                   else f"all {len(lines)} escaped"), shown
+        # ConditionalRegenerate's re-test agrees with NudgeRegenerate's own.
+        if result["status"] is not None:
+            assert [result["status"]["statuses"][m[0]] for m in result["report"]] == [
+                "still flagged" if m[1] == "STILL A COPY" else "regenerated" for m in result["report"]]
     return result
 
 
@@ -320,28 +360,47 @@ def wait_for_toast(page, text: str, timeout: float = 10) -> list[str]:
 
 
 def test_guard_ui_shows_flagged_regenerated_and_still_flagged(page, host, object_info, fresh_seed):
-    """Plumbing, independent of how well the memorizer memorizes: threshold 1.0 flags every image,
-    so the UI's flagged / still-flagged paths, the toasts and the before/after labels all show; a
-    second run with the threshold between the two distances shows 'regenerated'."""
+    """Plumbing, independent of how well the memorizer memorizes, on the single-attempt LatentNudge
+    chain (nudge_toward_style.json): threshold 1.0 flags every image, so the UI's flagged /
+    still-flagged paths, the toasts and the before/after labels all show; a second run with the
+    threshold between the two distances shows 'regenerated'."""
     _name, caption, _ = memorizer_data.training_items()[1]
-    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "nudge_toward_style", caption, fresh_seed,
                                             {"MemorizationFilter": {"threshold": 1.0}})
     result = check_guard_views(page, prompt, entry)
     assert result["verdicts"]["any_flagged"] and result["status"]["statuses"] == ["still flagged"]
     wait_for_toast(page, "flagged")
     wait_for_toast(page, "still flagged after regeneration")
-    screenshot(page, "guard_forced_still_flagged", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+    nudge, = ids_of(prompt, "LatentNudge")
+    assert result["views"][nudge]["header"].startswith("done"), result["views"][nudge]   # the lazy branch ran
+    screenshot(page, "guard_forced_still_flagged", STYLE_NODES)
 
     before = result["status"]["distances_before"][0]
     after = result["status"]["distances_after"][0]
     if after <= before + 0.002:
         pytest.skip(f"this seed's nudge did not move the image away ({before:.4f} -> {after:.4f})")
     threshold = round((before + after) / 2, 3)
-    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "nudge_toward_style", caption, fresh_seed,
                                             {"MemorizationFilter": {"threshold": threshold}})
     result = check_guard_views(page, prompt, entry)
     assert result["status"]["statuses"] == ["regenerated"], result["status"]
-    screenshot(page, "guard_forced_regenerated", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+    screenshot(page, "guard_forced_regenerated", STYLE_NODES)
+
+
+def test_nudge_regenerate_reports_still_a_copy_when_forced(page, host, object_info, fresh_seed):
+    """memorization_guard.json's NudgeRegenerate at threshold 1.0: no attempt can escape, so it uses
+    every attempt and its panel says STILL A COPY, matching ConditionalRegenerate's 'still flagged'."""
+    _name, caption, _ = memorizer_data.training_items()[1]
+    prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
+                                            {"MemorizationFilter": {"threshold": 1.0},
+                                             "NudgeRegenerate": {"max_attempts": 2}})
+    result = check_guard_views(page, prompt, entry)
+    assert result["status"]["statuses"] == ["still flagged"]
+    assert [(m[1], m[2]) for m in result["report"]] == [("STILL A COPY", 2)], result["report"]
+    retry, = ids_of(prompt, "NudgeRegenerate")
+    assert result["views"][retry]["rows"][0]["badge"] == "STILL A COPY"
+    wait_for_toast(page, "still flagged after regeneration")
+    screenshot(page, "nudge_regenerate_forced_still_a_copy", GUARD_NODES)
 
 
 def test_toasts_can_be_turned_off(page, host, object_info, fresh_seed):
@@ -349,33 +408,36 @@ def test_toasts_can_be_turned_off(page, host, object_info, fresh_seed):
     try:
         _name, caption, _ = memorizer_data.training_items()[2]
         prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, fresh_seed,
-                                                {"MemorizationFilter": {"threshold": 1.0}})
-        check_guard_views(page, prompt, entry)
+                                                {"MemorizationFilter": {"threshold": 1.0},
+                                                 "NudgeRegenerate": {"max_attempts": 1}})
+        result = check_guard_views(page, prompt, entry)
+        assert result["status"]["statuses"] == ["still flagged"]   # a toast would have been shown
         page.wait_for_timeout(500)
         assert not [t for t in toasts(page) if "flagged" in t], toasts(page)
     finally:
         page.evaluate("async () => { await app.extensionManager.setting.set('EmbeddingNudging.Toasts', true); }")
 
 
-def test_latent_nudge_shows_progress_and_stops_on_cancel(page, host, object_info, fresh_seed):
+def start_and_cancel(page, host, object_info, workflow_name: str, node_type: str, overrides: dict, seed: int,
+                     progress_header, shot: str, shot_nodes: list[str]) -> None:
+    """Queue a run forced into the lazy branch, wait for node_type's progress, cancel, check it stopped."""
     _name, caption, _ = memorizer_data.training_items()[3]
-    workflow = load_workflow("memorization_guard.json")
+    workflow = load_workflow(f"{workflow_name}.json")
     load_in_frontend(page, workflow)
-    wanted = configured_prompt(object_info, workflow, caption, fresh_seed,
-                               {"MemorizationFilter": {"threshold": 1.0}, "LatentNudge": {"steps": 100000}})
+    wanted = configured_prompt(object_info, workflow, caption, seed, {"MemorizationFilter": {"threshold": 1.0}, **overrides})
     set_widgets(page, widget_changes(ui_to_api(workflow, object_info), wanted))
-    nudge, = ids_of(wanted, "LatentNudge")
+    nudge, = ids_of(wanted, node_type)
     before = history_ids(host)
     page.evaluate("async () => { await app.queuePrompt(0); }")
     page.wait_for_function(
-        "(id) => { const n = app.graph.getNodeById(Number(id)); return n?.nudging?.running && n.nudgingProgress.value > 0; }",
+        "(id) => { const n = app.graph.getNodeById(Number(id)); return n?.nudging?.running && n.nudgingProgress?.value > 0; }",
         arg=nudge, timeout=RUN_TIMEOUT * 1000)
     shown = node_views(page)[nudge]
-    assert shown["header"].startswith("optimising latent: step ") and shown["header"].endswith("/ 100000")
-    screenshot(page, "latent_nudge_progress", ["LatentNudge", "MemorizationFilter", "ConditionalRegenerate"])
+    assert progress_header(shown["header"]), shown
+    screenshot(page, f"{shot}_progress", shot_nodes)
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Interrupt'); }")
     page.wait_for_function(
-        "(id) => app.graph.getNodeById(Number(id))?.nudging?.header?.startsWith('cancelled')",
+        "(id) => app.graph.getNodeById(Number(id))?.nudging?.header?.startsWith('cancelled at ')",
         arg=nudge, timeout=60_000)
     deadline = time.time() + 60
     while not (history_ids(host) - before) and time.time() < deadline:
@@ -386,7 +448,20 @@ def test_latent_nudge_shows_progress_and_stops_on_cancel(page, host, object_info
     assert "execution_interrupted" in kinds, kinds
     assert entry["outputs"].get(nudge) is None                      # nothing passed on
     assert host.get("/queue")["queue_running"] == []                # the server is free again
-    screenshot(page, "latent_nudge_cancelled", ["LatentNudge", "MemorizationFilter", "ConditionalRegenerate"])
+    screenshot(page, f"{shot}_cancelled", shot_nodes)
+
+
+def test_latent_nudge_shows_progress_and_stops_on_cancel(page, host, object_info, fresh_seed):
+    start_and_cancel(page, host, object_info, "nudge_toward_style", "LatentNudge", {"LatentNudge": {"steps": 100000}},
+                     fresh_seed, lambda h: h.startswith("optimising latent: step ") and h.endswith("/ 100000"),
+                     "latent_nudge", STYLE_NODES)
+
+
+def test_nudge_regenerate_shows_progress_and_stops_on_cancel(page, host, object_info, fresh_seed):
+    pattern = re.compile(r"^regenerating: attempt ([1-9]\d*) of up to 20, step ([1-9]\d*) / 10000$")
+    start_and_cancel(page, host, object_info, "memorization_guard", "NudgeRegenerate",
+                     {"NudgeRegenerate": {"steps": 10000, "max_attempts": 20}}, fresh_seed,
+                     lambda h: bool(pattern.match(h)), "nudge_regenerate", GUARD_NODES)
 
 
 def test_memorization_guard_in_browser(page, host, object_info, fresh_seed):
@@ -398,7 +473,7 @@ def test_memorization_guard_in_browser(page, host, object_info, fresh_seed):
     if result["verdicts"]["any_flagged"]:
         wait_for_toast(page, "Memorization filter")
     screenshot(page, "memorization_guard", thumbnail="memorization_guard")
-    screenshot(page, "memorization_guard_verdicts", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+    screenshot(page, "memorization_guard_verdicts", GUARD_NODES)
 
 
 def test_memorized_caption_is_flagged_and_regenerated_in_browser(page, host, object_info, fresh_seed):
@@ -414,8 +489,9 @@ def test_memorized_caption_is_flagged_and_regenerated_in_browser(page, host, obj
     filt, = ids_of(prompt, "MemorizationFilter")
     assert result["views"][filt]["rows"][0]["badge"] == "FLAGGED" and f"'{name}'" in result["views"][filt]["rows"][0]["text"]
     assert result["status"]["statuses"][0] in ("regenerated", "still flagged")
+    assert result["report"] and result["report"][0][0] == 0                # NudgeRegenerate ran and reported
     wait_for_toast(page, "Memorization filter: 1 of 1 flagged")
-    screenshot(page, "memorized_caption_regenerated", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+    screenshot(page, "memorized_caption_regenerated", GUARD_NODES)
 
 
 def test_unseen_caption_passes_in_browser(page, host, object_info, fresh_seed):
@@ -425,7 +501,9 @@ def test_unseen_caption_passes_in_browser(page, host, object_info, fresh_seed):
     if not result["verdicts"]["any_flagged"]:
         regen, = ids_of(prompt, "ConditionalRegenerate")
         assert result["views"][regen]["header"] == "all passed: nothing regenerated"
-        screenshot(page, "unseen_caption_passed", ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"])
+        retry, = ids_of(prompt, "NudgeRegenerate")
+        assert result["views"][retry]["header"].startswith("not run")   # the lazy branch never ran
+        screenshot(page, "unseen_caption_passed", GUARD_NODES)
 
 
 def test_nudge_toward_style_in_browser(page, host, object_info, fresh_seed):
