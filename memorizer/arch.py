@@ -8,9 +8,7 @@ VAE: TAESD layout (taesd_encoder / taesd_decoder / vae_scale / vae_shift).
 Every parameter that is not trained is generated from numpy.random.RandomState seeded per key
 (seed + crc32(key)), so it is reproducible across numpy versions and independent of key order.
 """
-import zlib
 
-import numpy as np
 import torch
 
 UNET_PREFIX = "model.diffusion_model."

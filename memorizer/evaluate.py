@@ -14,7 +14,6 @@ Usage (from the repository root):
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np

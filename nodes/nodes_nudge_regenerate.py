@@ -12,7 +12,7 @@ from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.escape import regenerate_until_clear
 from ..nudging_core.memorization import check_pixels
 from ..nudging_core.nudge import NudgeSettings
-from .common import CATEGORY, EmbeddingSetType, NudgeNodeError, VerdictType, user_input
+from .common import CATEGORY, NudgeNodeError, VerdictType, user_input
 
 
 class NudgeRegenerate(io.ComfyNode):
