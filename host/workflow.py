@@ -157,8 +157,8 @@ def configure_txt2img(prompt: dict, checkpoint_name: str | None = None, resoluti
                       set_names: dict | None = None) -> dict:
     """Point a shipped workflow's API prompt at a model: checkpoint, size, sampler, caption, seed.
 
-    The prompt text goes to the CLIPTextEncode titled "Prompt"; the regenerating KSampler
-    (denoise < 1) gets seed + 1. set_names maps a shipped set name to the one to load.
+    The prompt text goes to the CLIPTextEncode titled "Prompt"; the regenerating sampler (a
+    KSampler with denoise < 1, or NudgeRegenerate) gets the same sampler settings and seed + 1. set_names maps a shipped set name to the one to load.
     """
     out = copy.deepcopy(prompt)
     for node in out.values():
@@ -167,11 +167,11 @@ def configure_txt2img(prompt: dict, checkpoint_name: str | None = None, resoluti
             inputs["ckpt_name"] = checkpoint_name
         elif kind == "EmptyLatentImage" and resolution:
             inputs["width"] = inputs["height"] = resolution
-        elif kind == "KSampler":
+        elif kind in ("KSampler", "NudgeRegenerate"):
             if sampler:
                 inputs.update({k: v for k, v in sampler.items() if k in ("steps", "cfg", "sampler_name", "scheduler")})
             if seed is not None:
-                inputs["seed"] = seed if float(inputs.get("denoise", 1.0)) >= 1.0 else seed + 1
+                inputs["seed"] = seed if kind == "KSampler" and float(inputs.get("denoise", 1.0)) >= 1.0 else seed + 1
         elif kind == "CLIPTextEncode" and caption is not None and node.get("_meta", {}).get("title") == "Prompt":
             inputs["text"] = caption
         elif kind == "LoadEmbeddingSet" and set_names and inputs.get("set_name") in set_names:

@@ -479,13 +479,13 @@ def test_memorization_guard_in_browser(page, host, object_info, fresh_seed):
 def test_memorized_caption_is_flagged_and_regenerated_in_browser(page, host, object_info, fresh_seed):
     """Needs a memorizer that reproduces its training images (as test_workflows does)."""
     name, caption, _ = memorizer_data.training_items()[0]
-    for seed in range(fresh_seed, fresh_seed + 3):
+    for seed in range(fresh_seed, fresh_seed + 5):
         prompt, entry = run_workflow_in_browser(page, host, object_info, "memorization_guard", caption, seed)
         result = check_guard_views(page, prompt, entry)
         if result["verdicts"]["any_flagged"]:
             break
     else:
-        pytest.fail(f"the memorizer never reproduced '{caption}' in 3 seeds: {result['views']}")
+        pytest.fail(f"the memorizer never reproduced '{caption}' in 5 seeds: {result['views']}")
     filt, = ids_of(prompt, "MemorizationFilter")
     assert result["views"][filt]["rows"][0]["badge"] == "FLAGGED" and f"'{name}'" in result["views"][filt]["rows"][0]["text"]
     assert result["status"]["statuses"][0] in ("regenerated", "still flagged")
