@@ -116,10 +116,16 @@ def run_bench(n_seeds: int, out_dir: str, full_size: bool = True) -> dict:
                   f"d={verdict['distance']:.3f} plain {rows[-1]['t_plain']:.2f}s two-pass {rows[-1]['t_guarded']:.2f}s "
                   f"single-pass {rows[-1]['t_single']:.2f}s",
                   flush=True)
-        full = full_size_ratios(host, base, single, full_checkpoint, items) if full_checkpoint else None
-    results = summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir)
-    results["full_size_unet"] = full
+        results = summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir)
+        save(results, out_dir)      # the main table is kept even if the full-size part fails
+        if full_checkpoint:
+            results["full_size_unet"] = full_size_ratios(host, base, single, full_checkpoint, items)
     return results
+
+
+def save(results: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def build_set(images_dir: str, checkpoint: str, out: str) -> None:
@@ -279,8 +285,7 @@ def main(argv=None) -> int:
     started = time.time()
     results = run_bench(args.seeds, args.out, full_size=not args.no_full_size)
     results["bench_seconds"] = round(time.time() - started, 1)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save(results, args.out)
     print(json.dumps(results, indent=1))
     return 0
 
