@@ -204,7 +204,7 @@ def prepare_unet_data(manifest, fh):
     cache = os.path.join(WORK, "unet_data.pt")
     vae_mtime = os.path.getmtime(os.path.join(WEIGHTS, "vae.safetensors"))
     if os.path.isfile(cache):
-        d = torch.load(cache)
+        d = torch.load(cache, weights_only=True)  # our own cache: tensors and plain values only
         if d.get("vae_mtime") == vae_mtime:
             return d
     overrides = {}
@@ -262,7 +262,7 @@ def train_unet(args, fh):
     start_step = 0
     resume = os.path.join(WORK, "unet_last.pt")
     if args.resume and os.path.isfile(resume):
-        st = torch.load(resume)
+        st = torch.load(resume, weights_only=True)
         model.load_state_dict(st["model"], strict=False)
         start_step = st["step"]
     params = []
