@@ -39,6 +39,21 @@ TRAINED_UNET = [
 ]
 
 
+def _optimiser_step(opt, loss, params):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _reconstruction_tiled_l2(model, raw, x):
+    """Tiled L2 of each image decoded from its clean latent, against the original."""
+    from memorizer.data import tiled_l2
+    with torch.no_grad():
+        r = model.taesd_decoder(raw).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return [tiled_l2(r[i], x[i].permute(1, 2, 0).numpy()) for i in range(len(r))]
+
+
 def log(msg, fh=None):
     line = "[{}] {}".format(time.strftime("%H:%M:%S"), msg)
     print(line, flush=True)
@@ -90,7 +105,6 @@ def trained_unet_keys(manifest):
 def train_ae(args, fh):
     from safetensors.torch import save_file
     from memorizer import arch
-    from memorizer.data import tiled_l2
     torch.manual_seed(args.seed)
     items, x = images_tensor()
     x = x.permute(0, 3, 1, 2).contiguous()  # B,3,H,W in [0,1]
@@ -117,14 +131,9 @@ def train_ae(args, fh):
         z = raw + noise_amp * torch.randn_like(raw)
         rec = model.taesd_decoder(z)
         loss = torch.mean((rec - x) ** 2) + 0.01 * lat_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimiser_step(opt, loss, params)
         if step % 50 == 0 or step == steps:
-            with torch.no_grad():
-                r = model.taesd_decoder(raw).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-                tl = [tiled_l2(r[i], x[i].permute(1, 2, 0).numpy()) for i in range(len(items))]
+            tl = _reconstruction_tiled_l2(model, raw, x)
             log("ae step {}/{} loss {:.5f} lat {:.3f} max tiled-L2 {:.4f} ({:.0f}s)".format(
                 step, steps, loss.item(), lat_loss.item(), max(tl), time.time() - t0), fh)
     with torch.no_grad():
@@ -145,7 +154,6 @@ def finetune_decoder(args, fh):
     """Extra decoder-only training (encoder and latent scale unchanged, so UNet training stays valid)."""
     from safetensors.torch import load_file, save_file
     from memorizer import arch
-    from memorizer.data import tiled_l2
     torch.manual_seed(args.seed + 1)
     items, x = images_tensor()
     x = x.permute(0, 3, 1, 2).contiguous()
@@ -166,14 +174,9 @@ def finetune_decoder(args, fh):
             g["lr"] = lr
         z = raw + args.ae_latent_noise * torch.randn_like(raw)
         loss = torch.mean((model.taesd_decoder(z) - x) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimiser_step(opt, loss, params)
         if step % 50 == 0 or step == steps:
-            with torch.no_grad():
-                r = model.taesd_decoder(raw).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-                tl = [tiled_l2(r[i], x[i].permute(1, 2, 0).numpy()) for i in range(len(items))]
+            tl = _reconstruction_tiled_l2(model, raw, x)
             log("decoder step {}/{} loss {:.5f} max tiled-L2 {:.4f} ({:.0f}s)".format(
                 step, steps, loss.item(), max(tl), time.time() - t0), fh)
     sd = dict(trained)
