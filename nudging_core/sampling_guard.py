@@ -4,28 +4,50 @@ At every model call the sampler's prediction of the clean latent ("denoised", af
 compared with the guarded latents by cosine. Below `cos_threshold` nothing happens (one small
 matrix product per step). Once an image's prediction reaches the threshold, that image is
 marked for the rest of the run, and every following prediction of it is nudged with the same
-objective as LatentNudge (beta * cos to its guarded item, proximity to the prediction). The
-sampler then steps toward the nudged prediction, so the trajectory leaves the memorized image
-within the same pass: no second generation, no extra UNet evaluation.
+objective as LatentNudge (beta * cos to its guarded item, proximity to the prediction) until
+its cosine is down to the image's release level. The sampler then steps toward the nudged
+prediction, so the trajectory leaves the memorized image within the same pass: no second
+generation, no extra UNet evaluation.
+
+How far a latent must move before its decoded image stops being a copy differs from image to
+image (a dark photo can stay a pixel copy at a latent cosine of 0.6). So, when a pixel check is
+given, the last predictions of a caught image are decoded and tested against the item's
+pixels; while the nudged prediction still is a copy, the image's release level is lowered
+(1 - release doubles) and the prediction nudged again, at most `pixel_checks` decodes per
+image. Prompts that are never caught never decode anything.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
 from .nudge import NudgeSettings, nudge_latents
 
+# (nudged latents [k, C, h, w], guarded item index of each) -> is each still a copy?
+PixelCheck = Callable[[torch.Tensor, list[int]], list[bool]]
+
 
 def default_guard_nudge() -> NudgeSettings:
-    """Fewer steps than LatentNudge: the guard nudges again at every sampler step."""
-    return NudgeSettings(alpha=0.0, beta=1.0, proximity=0.1, steps=10, learning_rate=0.05, aggregate="max")
+    """Small steps up to a cap: the nudge stops as soon as the release level is reached."""
+    return NudgeSettings(alpha=0.0, beta=1.0, proximity=0.1, steps=50, learning_rate=0.02, aggregate="max")
 
 
 @dataclass
 class GuardSettings:
     cos_threshold: float = 0.9
     nudge: NudgeSettings = field(default_factory=default_guard_nudge)
+    release: float | None = None     # cosine a caught prediction is nudged down to; None: cos_threshold
+    pixel_checks: int = 4            # most decodes per caught image (with a pixel check)
+
+    def first_release(self) -> float:
+        return self.cos_threshold if self.release is None else min(self.release, self.cos_threshold)
+
+
+def lower_release(release: float) -> float:
+    """One escalation: the distance from cosine 1 doubles (0.9 -> 0.8 -> 0.6 -> 0.2 -> -0.6)."""
+    return max(-1.0, 1.0 - 2.0 * (1.0 - release))
 
 
 @dataclass
@@ -35,6 +57,7 @@ class GuardEvent:
     step_sigma: float
     cos_before: float
     cos_after: float
+    release: float
 
 
 @dataclass
@@ -43,35 +66,82 @@ class SamplingGuard:
 
     items: torch.Tensor                      # guarded latents in the model's latent space [M, C, h, w]
     settings: GuardSettings = field(default_factory=GuardSettings)
+    pixel_check: PixelCheck | None = None
     caught: dict[int, int] = field(default_factory=dict)
+    release: dict[int, float] = field(default_factory=dict)
+    checks_used: dict[int, int] = field(default_factory=dict)
+    still_copy: dict[int, bool] = field(default_factory=dict)
     events: list[GuardEvent] = field(default_factory=list)
     max_cos: list[float] = field(default_factory=list)
     _last_sigma: float | None = None
+    _unit_items: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.caught, self.events, self.max_cos, self._last_sigma = {}, [], [], None
+        self.caught, self.release, self.checks_used, self.still_copy = {}, {}, {}, {}
+        self.events, self.max_cos, self._last_sigma = [], [], None
 
-    def __call__(self, denoised: torch.Tensor, sigma: float, in_window: bool = True) -> torch.Tensor:
-        """in_window: False outside the part of the schedule the guard should act in."""
+    def _unit(self, like: torch.Tensor) -> torch.Tensor:
+        if self._unit_items is None or self._unit_items.device != like.device:
+            items = self.items.to(device=like.device, dtype=torch.float32)
+            self._unit_items = torch.nn.functional.normalize(items.flatten(1), dim=1)
+        return self._unit_items
+
+    def __call__(self, denoised: torch.Tensor, sigma: float, in_window: bool = True,
+                 check_pixels: bool = False) -> torch.Tensor:
+        """in_window: False outside the part of the schedule the guard should act in.
+        check_pixels: this call is one of the last ones, where caught images are decoded and tested."""
         if self._last_sigma is not None and sigma > self._last_sigma * 1.0001:
             self.reset()                     # a new sampling run (noise level went back up)
         self._last_sigma = sigma
         if not in_window:
             return denoised
-        items = self.items.to(device=denoised.device, dtype=torch.float32)
         flat = torch.nn.functional.normalize(denoised.detach().float().flatten(1), dim=1)
-        cos = flat @ torch.nn.functional.normalize(items.flatten(1), dim=1).T
-        best, index = cos.max(dim=1)
+        best, index = (flat @ self._unit(flat).T).max(dim=1)
         self.max_cos = [max(a, float(b)) for a, b in zip(self.max_cos or [-1.0] * len(best), best)]
-        for b in range(denoised.shape[0]):
-            if b not in self.caught and float(best[b]) >= self.settings.cos_threshold:
-                self.caught[b] = int(index[b])
+        for b in torch.nonzero(best >= self.settings.cos_threshold).flatten().tolist():
+            if b not in self.caught:
+                self.caught[b], self.release[b] = int(index[b]), self.settings.first_release()
         if not self.caught:
             return denoised
         owners = sorted(self.caught)
-        result = nudge_latents(denoised, items[[self.caught[b] for b in owners]], self.settings.nudge,
-                               undesired_owners=owners)
-        for b in owners:
-            self.events.append(GuardEvent(b, self.caught[b], sigma, result.cos_undesired_before[b],
-                                          result.cos_undesired_after[b]))
-        return result.latents.to(denoised.dtype)
+        out = denoised.clone()
+        out[owners] = self._nudge(denoised, owners, sigma)
+        if check_pixels and self.pixel_check is not None:
+            self._check_and_escalate(denoised, out, owners, sigma)
+        return out
+
+    def _nudge(self, denoised: torch.Tensor, rows: list[int], sigma: float) -> torch.Tensor:
+        """Nudge each row's prediction down to its release level. The step size grows with the
+        distance to go (1 - release), so a lowered release is reached within the same call."""
+        items = self.items.to(device=denoised.device, dtype=torch.float32)
+        out = torch.empty_like(denoised[rows])
+        base_gap = max(1e-3, 1.0 - self.settings.first_release())
+        for level in sorted({self.release[b] for b in rows}):
+            group = [k for k, b in enumerate(rows) if self.release[b] == level]
+            settings = replace(self.settings.nudge, stop_at_cos=level,
+                               learning_rate=self.settings.nudge.learning_rate * max(1.0, (1.0 - level) / base_gap))
+            picked = [rows[k] for k in group]
+            result = nudge_latents(denoised[picked], items[[self.caught[b] for b in picked]], settings,
+                                   undesired_owners=list(range(len(picked))))
+            out[group] = result.latents.to(denoised.dtype)
+            for k, b in enumerate(picked):
+                self.events.append(GuardEvent(b, self.caught[b], sigma, result.cos_undesired_before[k],
+                                              result.cos_undesired_after[k], level))
+        return out
+
+    def _check_and_escalate(self, denoised: torch.Tensor, out: torch.Tensor, owners: list[int], sigma: float) -> None:
+        """Decode-and-test the nudged predictions; push the ones that are still copies further."""
+        pending = [b for b in owners if self.checks_used.get(b, 0) < self.settings.pixel_checks]
+        while pending:
+            for b in pending:
+                self.checks_used[b] = self.checks_used.get(b, 0) + 1
+            copies = self.pixel_check(out[pending], [self.caught[b] for b in pending])
+            for b, copy in zip(pending, copies):
+                self.still_copy[b] = bool(copy)
+            pending = [b for b, copy in zip(pending, copies) if copy]
+            if not pending:
+                return
+            for b in pending:
+                self.release[b] = lower_release(self.release[b])
+            out[pending] = self._nudge(denoised, pending, sigma)
+            pending = [b for b in pending if self.checks_used[b] < self.settings.pixel_checks]
