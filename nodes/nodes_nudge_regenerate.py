@@ -24,8 +24,8 @@ class NudgeRegenerate(io.ComfyNode):
             category=CATEGORY,
             description="For each flagged image: nudges its generated latent away from the guarded item it matched "
                         "(LatentNudge's objective), re-noises it part way and samples again, decodes and re-tests it. "
-                        "Images that are still copies are tried again with beta multiplied by `growth`, up to "
-                        "`max_attempts`. Outputs only the flagged images' replacements, for ConditionalRegenerate.",
+                        "Images that are still copies are tried again with beta multiplied by `growth` and denoise by "
+                        "`denoise_decay`, up to `max_attempts`. Outputs only the flagged images' replacements, for ConditionalRegenerate.",
             inputs=[
                 io.Model.Input("model", tooltip="The model that generated the images."),
                 io.Conditioning.Input("positive", tooltip="The generation's positive conditioning."),
@@ -54,7 +54,10 @@ class NudgeRegenerate(io.ComfyNode):
                 io.Int.Input("max_attempts", default=4, min=1, max=20,
                              tooltip="Attempts per image before it is handed on as still flagged."),
                 io.Float.Input("growth", default=2.0, min=1.0, max=10.0, step=0.1,
-                               tooltip="Factor beta grows by after each failed attempt."),
+                               tooltip="Factor beta and the step size grow by after each failed attempt."),
+                io.Float.Input("denoise_decay", default=0.8, min=0.05, max=1.0, step=0.05,
+                               tooltip="Factor denoise shrinks by after each failed attempt: re-noising less keeps "
+                                       "more of the stronger nudge, so a memorizing model cannot pull it back."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="Replacements for the flagged images, in batch order."),
@@ -65,7 +68,8 @@ class NudgeRegenerate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, latent, verdicts, seed, steps, cfg, sampler_name, scheduler,
-                denoise, beta, proximity, nudge_steps, learning_rate, max_attempts, growth) -> io.NodeOutput:
+                denoise, beta, proximity, nudge_steps, learning_rate, max_attempts, growth,
+                denoise_decay) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.shape[0] != len(verdicts.flagged):
             raise NudgeNodeError(f"NudgeRegenerate: input 'latent': {samples.shape[0]} latents but the verdicts "
@@ -90,7 +94,7 @@ class NudgeRegenerate(io.ComfyNode):
                 progress.update_absolute(attempt_offset[0] + step + 1, max_attempts * steps)
 
             out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, nudged,
-                                      denoise=denoise, callback=callback, disable_pbar=True, seed=seed + attempt)
+                                      denoise=denoise * denoise_decay ** attempt, callback=callback, disable_pbar=True, seed=seed + attempt)
             return vae.decode(out), out
 
         def test(images):

@@ -12,6 +12,7 @@ from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.errors import NudgeInputError
 from ..nudging_core.nudge import NudgeSettings, check_finite
 from ..nudging_core.sampling_guard import GuardSettings, SamplingGuard
+from ..nudging_core.tiled_l2 import tiled_l2
 from .common import CATEGORY, EmbeddingSetType, user_input
 
 
@@ -25,27 +26,40 @@ def guard_inputs() -> list:
                        tooltip="Weight of the push away from the guarded item."),
         io.Float.Input("proximity", default=0.1, min=0.0, max=100.0, step=0.01,
                        tooltip="Weight of staying close to the sampler's own prediction."),
-        io.Int.Input("steps", default=10, min=1, max=1000, tooltip="Gradient steps per sampler step (no UNet pass)."),
-        io.Float.Input("learning_rate", default=0.05, min=0.0, max=10.0, step=0.005,
-                       tooltip="Adam step size per gradient step, in units of the prediction's standard deviation."),
+        io.Int.Input("steps", default=50, min=1, max=1000,
+                     tooltip="Most gradient steps per sampler step (no UNet pass); the nudge stops as soon as the "
+                             "prediction is below its release cosine."),
+        io.Float.Input("learning_rate", default=0.02, min=0.0, max=10.0, step=0.005,
+                       tooltip="Adam step size per gradient step, in units of the prediction's standard deviation "
+                               "(grows with how far the release cosine has been lowered)."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Where in the schedule the guard starts watching (0 = first step)."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Where in the schedule it stops (1 = last step)."),
+        io.Int.Input("pixel_checks", default=4, min=0, max=50,
+                     tooltip="With a VAE connected: at most this many decodes per caught image, in the last steps. "
+                             "While the nudged prediction still decodes to a copy, the guard pushes it further. "
+                             "Prompts that are never caught decode nothing."),
+        io.Float.Input("copy_threshold", default=0.1, min=0.0, max=10.0, step=0.005,
+                       tooltip="Tiled L2 below which a decoded prediction counts as a copy (as in MemorizationFilter)."),
+        io.Vae.Input("vae", optional=True,
+                     tooltip="The graph's VAE. Optional, but without it the guard cannot see whether a nudged "
+                             "image still decodes to a copy and only keeps the latent below cos_threshold."),
     ]
 
 
 def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, steps, learning_rate,
-                  start_percent, end_percent):
+                  start_percent, end_percent, pixel_checks, copy_threshold, vae=None):
     """A clone of `model` whose post-CFG prediction passes through a SamplingGuard."""
     with user_input(node_id, "guarded_set"):
         if len(guarded_set) == 0:
             raise NudgeInputError("the guarded set is empty; build it from at least one image")
         check_finite(guarded_set.latents, "guarded set")
-    settings = GuardSettings(cos_threshold=cos_threshold, nudge=NudgeSettings(
+    settings = GuardSettings(cos_threshold=cos_threshold, pixel_checks=pixel_checks, nudge=NudgeSettings(
         alpha=0.0, beta=beta, proximity=proximity, steps=steps, learning_rate=learning_rate, aggregate="max"))
     inner = model.get_model_object("latent_format")
-    guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings)
+    check = None if vae is None or pixel_checks == 0 else pixel_check(node_id, vae, inner, guarded_set, copy_threshold)
+    guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings, pixel_check=check)
     sampling = model.get_model_object("model_sampling")
     sigma_start = float(sampling.percent_to_sigma(start_percent))
     sigma_end = float(sampling.percent_to_sigma(end_percent))
@@ -57,7 +71,8 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, s
                 check_latent_compatible(guarded_set, inner.process_out(denoised), "guarded")
         sigma = float(args["sigma"].max())
         before = len(guard.caught)
-        out = guard(denoised, sigma, in_window=sigma_end <= sigma <= sigma_start)
+        out = guard(denoised, sigma, in_window=sigma_end <= sigma <= sigma_start,
+                    check_pixels=in_last_calls(args, sigma, pixel_checks))
         if len(guard.caught) > before:
             logging.info("[%s] guard caught images %s at sigma %.3f", node_id, sorted(guard.caught), sigma)
         return out
@@ -65,6 +80,42 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, s
     patched = model.clone()
     patched.set_model_sampler_post_cfg_function(post_cfg)
     return patched
+
+
+def in_last_calls(args, sigma: float, count: int) -> bool:
+    """Is this model call among the run's last `count` noise levels? The guard decodes only there,
+    where the prediction is as sharp as the final image. Without the schedule (a sampler that
+    does not pass it on), every call may check, within the per-image budget."""
+    sigmas = args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
+    if sigmas is None or count <= 0:
+        return count > 0
+    levels = sigmas[sigmas > 0]
+    return len(levels) == 0 or sigma <= float(levels[-min(count, len(levels))]) * 1.0001
+
+
+def pixel_check(node_id, vae, latent_format, guarded_set, threshold):
+    """Decode nudged predictions and test each against its item's pixels (tiled L2)."""
+    references = {}
+
+    def reference(index, size):
+        if index not in references:
+            pixels = guarded_set.pixels_float() if guarded_set.pixels is not None else None
+            if pixels is None or tuple(pixels.shape[1:3]) != size:
+                # No stored copy at this size: the item's own latent, decoded by this VAE.
+                references[index] = vae.decode(guarded_set.latents[index:index + 1]).reshape(1, *size, -1)[0, :, :, :3]
+            else:
+                references[index] = pixels[index]
+        return references[index]
+
+    def check(latents, items):
+        with user_input(node_id, "vae"):
+            images = vae.decode(latent_format.process_out(latents.clone()))
+            images = images.reshape(latents.shape[0], images.shape[-3], images.shape[-2], images.shape[-1])
+            size = tuple(images.shape[1:3])
+            return [tiled_l2(images[k, :, :, :3].float().cpu(), reference(j, size).float().cpu()) < threshold
+                    for k, j in enumerate(items)]
+
+    return check
 
 
 class MemorizationGuardModel(io.ComfyNode):
@@ -76,15 +127,16 @@ class MemorizationGuardModel(io.ComfyNode):
             category=CATEGORY,
             description="Patches the MODEL for KSampler: at every step the predicted clean latent is compared with "
                         "the guarded set; when an image comes too close it is nudged away inside the same pass "
-                        "(LatentNudge's objective, no extra UNet work). Prompts that never come close run unchanged. "
-                        "Check the final image with MemorizationFilter: a guard that failed is reported there.",
+                        "(LatentNudge's objective, no extra UNet work) until it is below cos_threshold. With the VAE "
+                        "connected, its last predictions are decoded and pushed further while they still decode to a "
+                        "copy. Prompts that never come close run unchanged. Check the final image with MemorizationFilter: a guard that failed is reported there.",
             inputs=[io.Model.Input("model", tooltip="The model to guard.")] + guard_inputs(),
             outputs=[io.Model.Output(display_name="model", tooltip="The guarded model.")],
         )
 
     @classmethod
-    def execute(cls, model, **settings) -> io.NodeOutput:
-        return io.NodeOutput(guarded_model("MemorizationGuardModel", model, **settings))
+    def execute(cls, model, vae=None, **settings) -> io.NodeOutput:
+        return io.NodeOutput(guarded_model("MemorizationGuardModel", model, vae=vae, **settings))
 
 
 class MemorizationGuardGuider(io.ComfyNode):
@@ -106,8 +158,8 @@ class MemorizationGuardGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, **settings) -> io.NodeOutput:
-        guider = comfy.samplers.CFGGuider(guarded_model("MemorizationGuardGuider", model, **settings))
+    def execute(cls, model, positive, negative, cfg, vae=None, **settings) -> io.NodeOutput:
+        guider = comfy.samplers.CFGGuider(guarded_model("MemorizationGuardGuider", model, vae=vae, **settings))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

@@ -68,7 +68,7 @@ def memorization_guard(info: dict) -> dict:
     regen = b.add("NudgeRegenerate", (1160, 380), model=(ckpt, 0), positive=(pos, 0), negative=(neg, 0),
                   vae=(ckpt, 2), latent=(sampler, 0), verdicts=(filt, 0), seed=43, steps=20, cfg=7.5,
                   sampler_name="euler", scheduler="normal", denoise=0.3, beta=1.0, proximity=1.0, nudge_steps=30,
-                  learning_rate=0.05, max_attempts=6, growth=2.0, size=(420, 470))
+                  learning_rate=0.05, max_attempts=8, growth=2.0, denoise_decay=0.8, size=(420, 500))
     cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
                  regenerated=(regen, 0), still_flagged_action="report", size=(420, 330))
     b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
@@ -105,7 +105,8 @@ def single_pass_guard(info: dict) -> dict:
     b = WorkflowBuilder(info)
     ckpt = b.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT, size=(315, 98))
     guarded = b.add("LoadEmbeddingSet", (0, 150), set_name=GUARDED_SET, size=(315, 82))
-    guard = b.add("MemorizationGuardModel", (0, 280), model=(ckpt, 0), guarded_set=(guarded, 0), size=(340, 290))
+    guard = b.add("MemorizationGuardModel", (0, 280), model=(ckpt, 0), guarded_set=(guarded, 0), vae=(ckpt, 2),
+                  size=(340, 360))
     pos = b.add("CLIPTextEncode", (380, 0), title="Prompt", text=PROMPT, clip=(ckpt, 1), size=(400, 150))
     neg = b.add("CLIPTextEncode", (380, 200), title="Negative prompt", text="", clip=(ckpt, 1), size=(400, 150))
     empty = b.add("EmptyLatentImage", (380, 400), width=512, height=512, batch_size=1, size=(315, 106))
@@ -118,8 +119,9 @@ def single_pass_guard(info: dict) -> dict:
     b.add("SaveImage", (1640, 0), images=(decode, 0), filename_prefix="nudging/single_pass", size=(320, 300))
     b.note("Single-pass guard: the patched model watches the sampler's predicted clean latent at every step and "
            "nudges an image away from the guarded set as soon as it comes close, inside the same pass (no second "
-           "generation). Prompts that never come close run unchanged. MemorizationFilter still checks the final "
-           "image: a guard that failed is reported, not hidden.", (380, 560), size=(760, 120))
+           "generation); with the VAE connected it decodes the last predictions of a caught image and pushes further "
+           "while they still decode to a copy. Prompts that never come close run unchanged. MemorizationFilter still "
+           "checks the final image: a guard that failed is reported, not hidden.", (380, 560), size=(760, 120))
     return b.workflow()
 
 

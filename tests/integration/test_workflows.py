@@ -102,9 +102,11 @@ def test_guarded_set_built_by_the_cli_matches_the_training_images(host):
     assert np.array_equal(saved.pixels[0].numpy(), by_name[saved.names[0]])
 
 
-def test_single_pass_guard_workflow_runs_and_reports_its_final_verdict(host, guard_prompt, fresh_seed):
+def test_single_pass_guard_workflow_steers_a_memorized_prompt_off_its_copy(host, guard_prompt, fresh_seed):
+    # Every seed of a training caption reproduces its photo without the guard (test_memorizer);
+    # with it, the same single pass ends away from the copy, and the filter says so.
     _name, caption, _ = memorizer_data.training_items()[0]
     prompt, entry = _run_guard(host, guard_prompt, caption, fresh_seed, "single_pass_guard.json")
     report = node_output(entry, prompt, "MemorizationFilter")["text"][0]
-    assert report.startswith("threshold 0.1") and report.splitlines()[-1] in ("0 of 1 flagged", "1 of 1 flagged")
+    assert report.startswith("threshold 0.1") and report.splitlines()[-1] == "0 of 1 flagged", report
     assert len(saved_images(host, entry, prompt)) == 1

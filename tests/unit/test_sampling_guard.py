@@ -52,3 +52,53 @@ def test_a_new_run_resets_what_was_caught():
     assert guard.caught == {0: 0}
     guard(-torch.ones(1, 4, 2, 2), 10.0)     # sigma went up: another sampling run
     assert guard.caught == {}
+
+
+def test_caught_prediction_is_held_at_the_release_cosine_not_pushed_further():
+    torch.manual_seed(2)
+    memorized = torch.randn(1, 4, 8, 8)
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9))
+    out = guard(memorized + 0.05 * torch.randn(1, 4, 8, 8), 1.0)
+    # Down to the threshold and not far past it: the smallest change that clears the bar.
+    assert 0.8 < cos(out, memorized) <= 0.9
+
+
+def test_pixel_check_lowers_the_release_until_the_image_is_no_copy():
+    """A 'decoder' that only sees a copy escape below cosine 0.5 (like a dark photo whose latent
+    can move a lot before its pixels do): the guard escalates 0.9 -> 0.8 -> 0.6 -> 0.2."""
+    torch.manual_seed(3)
+    memorized = torch.randn(1, 4, 8, 8)
+    decodes = []
+
+    def still_copy(latents, items):
+        decodes.append(latents.shape[0])
+        return [cos(z, memorized[j]) > 0.5 for z, j in zip(latents, items)]
+
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=4), pixel_check=still_copy)
+    prediction = memorized + 0.05 * torch.randn(1, 4, 8, 8)
+    held = guard(prediction, 2.0)                       # not a check call: released at 0.9 only
+    assert cos(held, memorized) > 0.5 and decodes == []
+    out = guard(prediction, 1.0, check_pixels=True)
+    assert cos(out, memorized) <= 0.5
+    assert guard.release[0] < 0.5 and guard.still_copy == {0: False}
+    assert 1 < len(decodes) <= 4
+
+
+def test_pixel_checks_are_bounded_per_image():
+    torch.manual_seed(4)
+    memorized = torch.randn(1, 4, 8, 8)
+    calls = []
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=3),
+                          pixel_check=lambda z, items: calls.append(1) or [True] * z.shape[0])
+    for sigma in (3.0, 2.0, 1.0):
+        guard(memorized.clone(), sigma, check_pixels=True)
+    assert len(calls) == 3 and guard.still_copy == {0: True}
+
+
+def test_clean_predictions_never_decode():
+    torch.manual_seed(5)
+    calls = []
+    guard = SamplingGuard(torch.randn(2, 4, 8, 8), GuardSettings(cos_threshold=0.9),
+                          pixel_check=lambda z, items: calls.append(1) or [True] * z.shape[0])
+    far = torch.randn(1, 4, 8, 8)
+    assert torch.equal(guard(far, 1.0, check_pixels=True), far) and calls == []
