@@ -4,7 +4,9 @@ A memorizing model pulls a nudged latent back toward the memorized image while i
 so one nudge of fixed strength escapes for some seeds and not for others. This loop keeps the
 nudge as small as it can be: each attempt multiplies beta and the step size by `growth` (a
 stronger push from the matched item against the same proximity pull, and the step budget to
-get there), and only images that are still copies pay for another attempt. Sampling and decoding are passed in, so the loop itself is pure torch.
+get there), and only images that are still copies pay for another attempt. Sampling and
+decoding are passed in (with the attempt number, so the caller can also re-noise less each
+time, as NudgeRegenerate's denoise_decay does), so the loop itself is pure torch.
 """
 from __future__ import annotations
 
