@@ -55,10 +55,11 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, s
         if len(guarded_set) == 0:
             raise NudgeInputError("the guarded set is empty; build it from at least one image")
         check_finite(guarded_set.latents, "guarded set")
-    settings = GuardSettings(cos_threshold=cos_threshold, pixel_checks=pixel_checks, nudge=NudgeSettings(
+    settings = GuardSettings(cos_threshold=cos_threshold, pixel_checks=pixel_checks, copy_threshold=copy_threshold,
+                             nudge=NudgeSettings(
         alpha=0.0, beta=beta, proximity=proximity, steps=steps, learning_rate=learning_rate, aggregate="max"))
     inner = model.get_model_object("latent_format")
-    check = None if vae is None or pixel_checks == 0 else pixel_check(node_id, vae, inner, guarded_set, copy_threshold)
+    check = None if vae is None or pixel_checks == 0 else pixel_check(node_id, vae, inner, guarded_set)
     guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings, pixel_check=check)
     sampling = model.get_model_object("model_sampling")
     sigma_start = float(sampling.percent_to_sigma(start_percent))
@@ -93,8 +94,8 @@ def in_last_calls(args, sigma: float, count: int) -> bool:
     return len(levels) == 0 or sigma <= float(levels[-min(count, len(levels))]) * 1.0001
 
 
-def pixel_check(node_id, vae, latent_format, guarded_set, threshold):
-    """Decode nudged predictions and test each against its item's pixels (tiled L2)."""
+def pixel_check(node_id, vae, latent_format, guarded_set):
+    """Decode nudged predictions; the tiled L2 of each to its item's pixels."""
     references = {}
 
     def reference(index, size):
@@ -112,7 +113,7 @@ def pixel_check(node_id, vae, latent_format, guarded_set, threshold):
             images = vae.decode(latent_format.process_out(latents.clone()))
             images = images.reshape(latents.shape[0], images.shape[-3], images.shape[-2], images.shape[-1])
             size = tuple(images.shape[1:3])
-            return [tiled_l2(images[k, :, :, :3].float().cpu(), reference(j, size).float().cpu()) < threshold
+            return [tiled_l2(images[k, :, :, :3].float().cpu(), reference(j, size).float().cpu())
                     for k, j in enumerate(items)]
 
     return check

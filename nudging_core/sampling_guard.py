@@ -25,8 +25,8 @@ import torch
 
 from .nudge import NudgeSettings, nudge_latents
 
-# (nudged latents [k, C, h, w], guarded item index of each) -> is each still a copy?
-PixelCheck = Callable[[torch.Tensor, list[int]], list[bool]]
+# (nudged latents [k, C, h, w], guarded item index of each) -> tiled L2 of each decoded image to its item
+PixelCheck = Callable[[torch.Tensor, list[int]], list[float]]
 
 
 def default_guard_nudge() -> NudgeSettings:
@@ -40,6 +40,10 @@ class GuardSettings:
     nudge: NudgeSettings = field(default_factory=default_guard_nudge)
     release: float | None = None     # cosine a caught prediction is nudged down to; None: cos_threshold
     pixel_checks: int = 4            # most decodes per caught image (with a pixel check)
+    copy_threshold: float = 0.1      # tiled L2 below which a decoded prediction is a copy
+    # A check this many times above copy_threshold clears the image: its last predictions are
+    # too far from the item to come back, so it needs no more decodes.
+    clear_factor: float = 1.5
 
     def first_release(self) -> float:
         return self.cos_threshold if self.release is None else min(self.release, self.cos_threshold)
@@ -135,10 +139,13 @@ class SamplingGuard:
         while pending:
             for b in pending:
                 self.checks_used[b] = self.checks_used.get(b, 0) + 1
-            copies = self.pixel_check(out[pending], [self.caught[b] for b in pending])
-            for b, copy in zip(pending, copies):
-                self.still_copy[b] = bool(copy)
-            pending = [b for b, copy in zip(pending, copies) if copy]
+            distances = self.pixel_check(out[pending], [self.caught[b] for b in pending])
+            threshold = self.settings.copy_threshold
+            for b, distance in zip(pending, distances):
+                self.still_copy[b] = distance < threshold
+                if distance >= threshold * self.settings.clear_factor:
+                    self.checks_used[b] = self.settings.pixel_checks      # cleared: no more decodes
+            pending = [b for b in pending if self.still_copy[b]]
             if not pending:
                 return
             for b in pending:

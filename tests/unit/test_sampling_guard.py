@@ -72,7 +72,7 @@ def test_pixel_check_lowers_the_release_until_the_image_is_no_copy():
 
     def still_copy(latents, items):
         decodes.append(latents.shape[0])
-        return [cos(z, memorized[j]) > 0.5 for z, j in zip(latents, items)]
+        return [0.05 if cos(z, memorized[j]) > 0.5 else 0.12 for z, j in zip(latents, items)]
 
     guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=4), pixel_check=still_copy)
     prediction = memorized + 0.05 * torch.randn(1, 4, 8, 8)
@@ -89,7 +89,7 @@ def test_pixel_checks_are_bounded_per_image():
     memorized = torch.randn(1, 4, 8, 8)
     calls = []
     guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=3),
-                          pixel_check=lambda z, items: calls.append(1) or [True] * z.shape[0])
+                          pixel_check=lambda z, items: calls.append(1) or [0.05] * z.shape[0])
     for sigma in (3.0, 2.0, 1.0):
         guard(memorized.clone(), sigma, check_pixels=True)
     assert len(calls) == 3 and guard.still_copy == {0: True}
@@ -99,6 +99,19 @@ def test_clean_predictions_never_decode():
     torch.manual_seed(5)
     calls = []
     guard = SamplingGuard(torch.randn(2, 4, 8, 8), GuardSettings(cos_threshold=0.9),
-                          pixel_check=lambda z, items: calls.append(1) or [True] * z.shape[0])
+                          pixel_check=lambda z, items: calls.append(1) or [0.05] * z.shape[0])
     far = torch.randn(1, 4, 8, 8)
     assert torch.equal(guard(far, 1.0, check_pixels=True), far) and calls == []
+
+
+def test_an_image_far_from_its_item_is_cleared_after_one_decode():
+    """Caught by the latent cosine but clearly no copy in pixels: one decode, then no more."""
+    torch.manual_seed(6)
+    memorized = torch.randn(1, 4, 8, 8)
+    calls = []
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=4),
+                          pixel_check=lambda z, items: calls.append(1) or [0.3] * z.shape[0])
+    for sigma in (3.0, 2.0, 1.0):
+        guard(memorized + 0.05 * torch.randn(1, 4, 8, 8), sigma, check_pixels=True)
+    assert len(calls) == 1 and guard.still_copy == {0: False} and guard.release[0] == 0.9
+
