@@ -25,7 +25,8 @@ class NudgeRegenerate(io.ComfyNode):
             description="For each flagged image: nudges its generated latent away from the guarded item it matched "
                         "(LatentNudge's objective), re-noises it part way and samples again, decodes and re-tests it. "
                         "Images that are still copies are tried again with beta multiplied by `growth` and denoise by "
-                        "`denoise_decay`, up to `max_attempts`. Outputs only the flagged images' replacements, for ConditionalRegenerate.",
+                        "`denoise_decay`, up to `max_attempts`. Outputs only the flagged images' replacements, for "
+                        "ConditionalRegenerate.",
             inputs=[
                 io.Model.Input("model", tooltip="The model that generated the images."),
                 io.Conditioning.Input("positive", tooltip="The generation's positive conditioning."),
@@ -94,7 +95,8 @@ class NudgeRegenerate(io.ComfyNode):
                 progress.update_absolute(attempt_offset[0] + step + 1, max_attempts * steps)
 
             out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, nudged,
-                                      denoise=denoise * denoise_decay ** attempt, callback=callback, disable_pbar=True, seed=seed + attempt)
+                                      denoise=denoise * denoise_decay ** attempt, callback=callback, disable_pbar=True,
+                                      seed=seed + attempt)
             return vae.decode(out), out
 
         def test(images):

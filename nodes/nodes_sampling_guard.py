@@ -55,9 +55,10 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, s
         if len(guarded_set) == 0:
             raise NudgeInputError("the guarded set is empty; build it from at least one image")
         check_finite(guarded_set.latents, "guarded set")
-    settings = GuardSettings(cos_threshold=cos_threshold, pixel_checks=pixel_checks, copy_threshold=copy_threshold,
-                             nudge=NudgeSettings(
-        alpha=0.0, beta=beta, proximity=proximity, steps=steps, learning_rate=learning_rate, aggregate="max"))
+    nudge = NudgeSettings(alpha=0.0, beta=beta, proximity=proximity, steps=steps, learning_rate=learning_rate,
+                          aggregate="max")
+    settings = GuardSettings(cos_threshold=cos_threshold, nudge=nudge, pixel_checks=pixel_checks,
+                             copy_threshold=copy_threshold)
     inner = model.get_model_object("latent_format")
     check = None if vae is None or pixel_checks == 0 else pixel_check(node_id, vae, inner, guarded_set)
     guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings, pixel_check=check)
@@ -130,7 +131,8 @@ class MemorizationGuardModel(io.ComfyNode):
                         "the guarded set; when an image comes too close it is nudged away inside the same pass "
                         "(LatentNudge's objective, no extra UNet work) until it is below cos_threshold. With the VAE "
                         "connected, its last predictions are decoded and pushed further while they still decode to a "
-                        "copy. Prompts that never come close run unchanged. Check the final image with MemorizationFilter: a guard that failed is reported there.",
+                        "copy. Prompts that never come close run unchanged. Check the final image with "
+                        "MemorizationFilter: a guard that failed is reported there.",
             inputs=[io.Model.Input("model", tooltip="The model to guard.")] + guard_inputs(),
             outputs=[io.Model.Output(display_name="model", tooltip="The guarded model.")],
         )
