@@ -98,10 +98,11 @@ def in_last_calls(args, sigma: float, count: int) -> bool:
 def pixel_check(node_id, vae, latent_format, guarded_set):
     """Decode nudged predictions; the tiled L2 of each to its item's pixels."""
     references = {}
+    stored = guarded_set.pixels_float() if guarded_set.pixels is not None else None
 
     def reference(index, size):
         if index not in references:
-            pixels = guarded_set.pixels_float() if guarded_set.pixels is not None else None
+            pixels = stored
             if pixels is None or tuple(pixels.shape[1:3]) != size:
                 # No stored copy at this size: the item's own latent, decoded by this VAE.
                 references[index] = vae.decode(guarded_set.latents[index:index + 1]).reshape(1, *size, -1)[0, :, :, :3]

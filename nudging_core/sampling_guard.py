@@ -76,19 +76,20 @@ class SamplingGuard:
     checks_used: dict[int, int] = field(default_factory=dict)
     still_copy: dict[int, bool] = field(default_factory=dict)
     events: list[GuardEvent] = field(default_factory=list)
-    max_cos: list[float] = field(default_factory=list)
     _last_sigma: float | None = None
+    _items_f32: torch.Tensor | None = None
     _unit_items: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.caught, self.release, self.checks_used, self.still_copy = {}, {}, {}, {}
-        self.events, self.max_cos, self._last_sigma = [], [], None
+        self.events, self._last_sigma = [], None
 
-    def _unit(self, like: torch.Tensor) -> torch.Tensor:
-        if self._unit_items is None or self._unit_items.device != like.device:
-            items = self.items.to(device=like.device, dtype=torch.float32)
-            self._unit_items = torch.nn.functional.normalize(items.flatten(1), dim=1)
-        return self._unit_items
+    def _items(self, device) -> torch.Tensor:
+        """The guarded latents as float32 on the sampler's device, converted once (hot path)."""
+        if self._items_f32 is None or self._items_f32.device != device:
+            self._items_f32 = self.items.to(device=device, dtype=torch.float32)
+            self._unit_items = torch.nn.functional.normalize(self._items_f32.flatten(1), dim=1)
+        return self._items_f32
 
     def __call__(self, denoised: torch.Tensor, sigma: float, in_window: bool = True,
                  check_pixels: bool = False) -> torch.Tensor:
@@ -100,8 +101,8 @@ class SamplingGuard:
         if not in_window:
             return denoised
         flat = torch.nn.functional.normalize(denoised.detach().float().flatten(1), dim=1)
-        best, index = (flat @ self._unit(flat).T).max(dim=1)
-        self.max_cos = [max(a, float(b)) for a, b in zip(self.max_cos or [-1.0] * len(best), best)]
+        self._items(flat.device)
+        best, index = (flat @ self._unit_items.T).max(dim=1)
         for b in torch.nonzero(best >= self.settings.cos_threshold).flatten().tolist():
             if b not in self.caught:
                 self.caught[b], self.release[b] = int(index[b]), self.settings.first_release()
@@ -117,7 +118,7 @@ class SamplingGuard:
     def _nudge(self, denoised: torch.Tensor, rows: list[int], sigma: float) -> torch.Tensor:
         """Nudge each row's prediction down to its release level. The step size grows with the
         distance to go (1 - release), so a lowered release is reached within the same call."""
-        items = self.items.to(device=denoised.device, dtype=torch.float32)
+        items = self._items(denoised.device)
         out = torch.empty_like(denoised[rows])
         base_gap = max(1e-3, 1.0 - self.settings.first_release())
         for level in sorted({self.release[b] for b in rows}):

@@ -84,12 +84,17 @@ def test_pixel_check_lowers_the_release_until_the_image_is_no_copy():
     assert 1 < len(decodes) <= 4
 
 
+def counting_check(distance: float, calls: list):
+    """A pixel check that records each decode and reports `distance` for every image."""
+    return lambda z, items: calls.append(1) or [distance] * z.shape[0]
+
+
 def test_pixel_checks_are_bounded_per_image():
     torch.manual_seed(4)
     memorized = torch.randn(1, 4, 8, 8)
     calls = []
     guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=3),
-                          pixel_check=lambda z, items: calls.append(1) or [0.05] * z.shape[0])
+                          pixel_check=counting_check(0.05, calls))
     for sigma in (3.0, 2.0, 1.0):
         guard(memorized.clone(), sigma, check_pixels=True)
     assert len(calls) == 3 and guard.still_copy == {0: True}
@@ -99,7 +104,7 @@ def test_clean_predictions_never_decode():
     torch.manual_seed(5)
     calls = []
     guard = SamplingGuard(torch.randn(2, 4, 8, 8), GuardSettings(cos_threshold=0.9),
-                          pixel_check=lambda z, items: calls.append(1) or [0.05] * z.shape[0])
+                          pixel_check=counting_check(0.05, calls))
     far = torch.randn(1, 4, 8, 8)
     assert torch.equal(guard(far, 1.0, check_pixels=True), far) and calls == []
 
@@ -110,7 +115,7 @@ def test_an_image_far_from_its_item_is_cleared_after_one_decode():
     memorized = torch.randn(1, 4, 8, 8)
     calls = []
     guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=4),
-                          pixel_check=lambda z, items: calls.append(1) or [0.3] * z.shape[0])
+                          pixel_check=counting_check(0.3, calls))
     for sigma in (3.0, 2.0, 1.0):
         guard(memorized + 0.05 * torch.randn(1, 4, 8, 8), sigma, check_pixels=True)
     assert len(calls) == 1 and guard.still_copy == {0: False} and guard.release[0] == 0.9
