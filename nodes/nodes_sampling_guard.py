@@ -1,4 +1,4 @@
-"""Single-pass guard: detect and nudge inside the sampler, for KSampler (MODEL) and
+"""Single-pass guard: detect and turn away inside the sampler, for KSampler (MODEL) and
 SamplerCustomAdvanced (GUIDER). ComfyUI's samplers, schedulers and CFG are left as they are:
 the guard only rewrites the post-CFG prediction of images that come close to a guarded item."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.errors import NudgeInputError
-from ..nudging_core.nudge import NudgeSettings, check_finite
+from ..nudging_core.nudge import check_finite
 from ..nudging_core.sampling_guard import GuardSettings, SamplingGuard
 from ..nudging_core.tiled_l2 import tiled_l2
 from .common import CATEGORY, EmbeddingSetType, user_input
@@ -21,44 +21,32 @@ def guard_inputs() -> list:
         EmbeddingSetType.Input("guarded_set", tooltip="Images the sampler must not converge to."),
         io.Float.Input("cos_threshold", default=0.9, min=0.0, max=1.0, step=0.005,
                        tooltip="Cosine (in latent space) between the sampler's predicted clean latent and a "
-                               "guarded latent at which the guard starts nudging that image."),
-        io.Float.Input("beta", default=1.0, min=0.0, max=100.0, step=0.05,
-                       tooltip="Weight of the push away from the guarded item."),
-        io.Float.Input("proximity", default=0.1, min=0.0, max=100.0, step=0.01,
-                       tooltip="Weight of staying close to the sampler's own prediction."),
-        io.Int.Input("steps", default=50, min=1, max=1000,
-                     tooltip="Most gradient steps per sampler step (no UNet pass); the nudge stops as soon as the "
-                             "prediction is below its release cosine."),
-        io.Float.Input("learning_rate", default=0.02, min=0.0, max=10.0, step=0.005,
-                       tooltip="Adam step size per gradient step, in units of the prediction's standard deviation "
-                               "(grows with how far the release cosine has been lowered)."),
+                               "guarded latent at which the guard catches that image. A caught prediction is "
+                               "turned away from its item until its cosine is back at this value."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Where in the schedule the guard starts watching (0 = first step)."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Where in the schedule it stops (1 = last step)."),
         io.Int.Input("pixel_checks", default=4, min=0, max=50,
                      tooltip="With a VAE connected: at most this many decodes per caught image, in the last steps. "
-                             "While the nudged prediction still decodes to a copy, the guard pushes it further. "
+                             "While the turned prediction still decodes to a copy, the guard turns it further. "
                              "Prompts that are never caught decode nothing."),
         io.Float.Input("copy_threshold", default=0.1, min=0.0, max=10.0, step=0.005,
                        tooltip="Tiled L2 below which a decoded prediction counts as a copy (as in MemorizationFilter)."),
         io.Vae.Input("vae", optional=True,
-                     tooltip="The graph's VAE. Optional, but without it the guard cannot see whether a nudged "
+                     tooltip="The graph's VAE. Optional, but without it the guard cannot see whether a turned "
                              "image still decodes to a copy and only keeps the latent below cos_threshold."),
     ]
 
 
-def guarded_model(node_id, model, guarded_set, cos_threshold, beta, proximity, steps, learning_rate,
-                  start_percent, end_percent, pixel_checks, copy_threshold, vae=None):
+def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end_percent, pixel_checks,
+                  copy_threshold, vae=None):
     """A clone of `model` whose post-CFG prediction passes through a SamplingGuard."""
     with user_input(node_id, "guarded_set"):
         if len(guarded_set) == 0:
             raise NudgeInputError("the guarded set is empty; build it from at least one image")
         check_finite(guarded_set.latents, "guarded set")
-    nudge = NudgeSettings(alpha=0.0, beta=beta, proximity=proximity, steps=steps, learning_rate=learning_rate,
-                          aggregate="max")
-    settings = GuardSettings(cos_threshold=cos_threshold, nudge=nudge, pixel_checks=pixel_checks,
-                             copy_threshold=copy_threshold)
+    settings = GuardSettings(cos_threshold=cos_threshold, pixel_checks=pixel_checks, copy_threshold=copy_threshold)
     inner = model.get_model_object("latent_format")
     check = None if vae is None or pixel_checks == 0 else pixel_check(node_id, vae, inner, guarded_set)
     guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings, pixel_check=check)
@@ -96,7 +84,7 @@ def in_last_calls(args, sigma: float, count: int) -> bool:
 
 
 def pixel_check(node_id, vae, latent_format, guarded_set):
-    """Decode nudged predictions; the tiled L2 of each to its item's pixels."""
+    """Decode turned predictions; the tiled L2 of each to its item's pixels."""
     references = {}
     stored = guarded_set.pixels_float() if guarded_set.pixels is not None else None
 
@@ -129,10 +117,10 @@ class MemorizationGuardModel(io.ComfyNode):
             display_name="Memorization Guard (Model, single pass)",
             category=CATEGORY,
             description="Patches the MODEL for KSampler: at every step the predicted clean latent is compared with "
-                        "the guarded set; when an image comes too close it is nudged away inside the same pass "
-                        "(LatentNudge's objective, no extra UNet work) until it is below cos_threshold. With the VAE "
-                        "connected, its last predictions are decoded and pushed further while they still decode to a "
-                        "copy. Prompts that never come close run unchanged. Check the final image with "
+                        "the guarded set; when an image comes too close it is turned away inside the same pass "
+                        "(LatentNudge's objective in closed form, no extra UNet work) until it is back at "
+                        "cos_threshold. With the VAE connected, its last predictions are decoded and turned further "
+                        "while they still decode to a copy. Prompts that never come close run unchanged. Check the final image with "
                         "MemorizationFilter: a guard that failed is reported there.",
             inputs=[io.Model.Input("model", tooltip="The model to guard.")] + guard_inputs(),
             outputs=[io.Model.Output(display_name="model", tooltip="The guarded model.")],

@@ -74,6 +74,34 @@ def _owner_mask(count: int, batch: int, owners: list[int] | None, device) -> tor
     return (owner[None, :] == rows) | (owner[None, :] < 0)
 
 
+def turn_away(latents: torch.Tensor, items: torch.Tensor, level: torch.Tensor | float) -> torch.Tensor:
+    """Each latent [B, ...] whose cosine to its item [B, ...] is above `level` (one value, or one
+    per latent), turned away from the item until the cosine is exactly `level`.
+
+    The closed-form answer to the nudge's question for a single item and no desired set: the
+    turn happens in the plane the latent and its item span, so the latent keeps its norm and
+    everything orthogonal to that plane, and moves by the smallest angle that clears the bar.
+    No iterations: cheap enough to run at every sampler step.
+    """
+    flat = latents.flatten(1).float()
+    unit_item = torch.nn.functional.normalize(items.flatten(1).float().to(flat.device), dim=1)
+    norm = flat.norm(dim=1, keepdim=True)
+    along = (flat * unit_item).sum(dim=1, keepdim=True)
+    rest = flat - along * unit_item
+    rest_norm = rest.norm(dim=1, keepdim=True)
+    on_axis = rest_norm <= 1e-6 * norm
+    if bool(on_axis.any()):
+        # A latent exactly on its item's direction has no plane to turn in: borrow a fixed one.
+        other = torch.randn(flat.shape, generator=torch.Generator().manual_seed(0)).to(flat.device)
+        other = other - (other * unit_item).sum(dim=1, keepdim=True) * unit_item
+        rest = torch.where(on_axis, other, rest)
+        rest_norm = rest.norm(dim=1, keepdim=True)
+    level = torch.as_tensor(level, dtype=flat.dtype, device=flat.device).expand(flat.shape[0]).reshape(-1, 1)
+    angle = torch.acos(level.clamp(-1.0, 1.0))
+    turned = norm * (torch.cos(angle) * unit_item + torch.sin(angle) * rest / rest_norm.clamp(min=1e-12))
+    return torch.where(along > level * norm, turned, flat).reshape(latents.shape).to(latents.dtype)
+
+
 def check_finite(latent: torch.Tensor, what: str) -> None:
     if not torch.isfinite(latent).all():
         raise NudgeInputError(f"the {what} contains NaN or infinite values; check the node that produced it "

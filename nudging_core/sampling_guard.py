@@ -1,44 +1,39 @@
-"""The single-pass guard: nudge the sampler's predicted clean latent while sampling.
+"""The single-pass guard: turn the sampler's predicted clean latent away while sampling.
 
 At every model call the sampler's prediction of the clean latent ("denoised", after CFG) is
 compared with the guarded latents by cosine. Below `cos_threshold` nothing happens (one small
 matrix product per step). Once an image's prediction reaches the threshold, that image is
-marked for the rest of the run, and every following prediction of it is nudged with the same
-objective as LatentNudge (beta * cos to its guarded item, proximity to the prediction) until
-its cosine is down to the image's release level. The sampler then steps toward the nudged
-prediction, so the trajectory leaves the memorized image within the same pass: no second
-generation, no extra UNet evaluation.
+marked for the rest of the run, and every following prediction of it is turned away from its
+guarded item until its cosine is down to the image's release level: LatentNudge's objective
+(lower the cosine to the item, stay as close to the prediction as possible) solved in closed
+form for one item, so it costs next to nothing per step. The sampler then steps toward the
+turned prediction, so the trajectory leaves the memorized image within the same pass: no
+second generation, no extra UNet evaluation.
 
 How far a latent must move before its decoded image stops being a copy differs from image to
 image (a dark photo can stay a pixel copy at a latent cosine of 0.6). So, when a pixel check is
 given, the last predictions of a caught image are decoded and tested against the item's
-pixels; while the nudged prediction still is a copy, the image's release level is lowered
-(1 - release doubles) and the prediction nudged again, at most `pixel_checks` decodes per
+pixels; while the turned prediction still is a copy, the image's release level is lowered
+(1 - release doubles) and the prediction turned further, at most `pixel_checks` decodes per
 image. Prompts that are never caught never decode anything.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .nudge import NudgeSettings, nudge_latents
+from .nudge import turn_away
 
-# (nudged latents [k, C, h, w], guarded item index of each) -> tiled L2 of each decoded image to its item
+# (turned latents [k, C, h, w], guarded item index of each) -> tiled L2 of each decoded image to its item
 PixelCheck = Callable[[torch.Tensor, list[int]], list[float]]
-
-
-def default_guard_nudge() -> NudgeSettings:
-    """Small steps up to a cap: the nudge stops as soon as the release level is reached."""
-    return NudgeSettings(alpha=0.0, beta=1.0, proximity=0.1, steps=50, learning_rate=0.02, aggregate="max")
 
 
 @dataclass
 class GuardSettings:
     cos_threshold: float = 0.9
-    nudge: NudgeSettings = field(default_factory=default_guard_nudge)
-    release: float | None = None     # cosine a caught prediction is nudged down to; None: cos_threshold
+    release: float | None = None     # cosine a caught prediction is turned down to; None: cos_threshold
     pixel_checks: int = 4            # most decodes per caught image (with a pixel check)
     copy_threshold: float = 0.1      # tiled L2 below which a decoded prediction is a copy
     # A check this many times above copy_threshold clears the image: its last predictions are
@@ -102,7 +97,8 @@ class SamplingGuard:
             return denoised
         flat = torch.nn.functional.normalize(denoised.detach().float().flatten(1), dim=1)
         self._items(flat.device)
-        best, index = (flat @ self._unit_items.T).max(dim=1)
+        cosines = flat @ self._unit_items.T
+        best, index = cosines.max(dim=1)
         for b in torch.nonzero(best >= self.settings.cos_threshold).flatten().tolist():
             if b not in self.caught:
                 self.caught[b], self.release[b] = int(index[b]), self.settings.first_release()
@@ -110,32 +106,30 @@ class SamplingGuard:
             return denoised
         owners = sorted(self.caught)
         out = denoised.clone()
-        out[owners] = self._nudge(denoised, owners, sigma)
+        out[owners] = self._turn(denoised, owners, sigma, cosines)
         if check_pixels and self.pixel_check is not None:
             self._check_and_escalate(denoised, out, owners, sigma)
         return out
 
-    def _nudge(self, denoised: torch.Tensor, rows: list[int], sigma: float) -> torch.Tensor:
-        """Nudge each row's prediction down to its release level. The step size grows with the
-        distance to go (1 - release), so a lowered release is reached within the same call."""
-        items = self._items(denoised.device)
-        out = torch.empty_like(denoised[rows])
-        base_gap = max(1e-3, 1.0 - self.settings.first_release())
-        for level in sorted({self.release[b] for b in rows}):
-            group = [k for k, b in enumerate(rows) if self.release[b] == level]
-            settings = replace(self.settings.nudge, stop_at_cos=level,
-                               learning_rate=self.settings.nudge.learning_rate * max(1.0, (1.0 - level) / base_gap))
-            picked = [rows[k] for k in group]
-            result = nudge_latents(denoised[picked], items[[self.caught[b] for b in picked]], settings,
-                                   undesired_owners=list(range(len(picked))))
-            out[group] = result.latents.to(denoised.dtype)
-            for k, b in enumerate(picked):
-                self.events.append(GuardEvent(b, self.caught[b], sigma, result.cos_undesired_before[k],
-                                              result.cos_undesired_after[k], level))
-        return out
+    def _turn(self, denoised: torch.Tensor, rows: list[int], sigma: float,
+              cosines: torch.Tensor | None = None) -> torch.Tensor:
+        """Turn each row's prediction down to its release level (all rows in one batched step).
+        cosines: the rows' cosines to every item when the caller has them already."""
+        owned = [self.caught[b] for b in rows]
+        levels = [self.release[b] for b in rows]
+        picked = denoised[rows]
+        if cosines is None:
+            cosines = torch.nn.functional.normalize(picked.flatten(1).float(), dim=1) @ self._unit_items.T
+            rows_in = list(range(len(rows)))
+        else:
+            rows_in = rows
+        before = cosines[rows_in, owned].tolist()
+        for b, j, cos_before, level in zip(rows, owned, before, levels):
+            self.events.append(GuardEvent(b, j, sigma, cos_before, min(cos_before, level), level))
+        return turn_away(picked, self._items(denoised.device)[owned], torch.tensor(levels, device=denoised.device))
 
     def _check_and_escalate(self, denoised: torch.Tensor, out: torch.Tensor, owners: list[int], sigma: float) -> None:
-        """Decode-and-test the nudged predictions; push the ones that are still copies further."""
+        """Decode-and-test the turned predictions; turn the ones that are still copies further."""
         pending = [b for b in owners if self.checks_used.get(b, 0) < self.settings.pixel_checks]
         while pending:
             for b in pending:
@@ -151,5 +145,5 @@ class SamplingGuard:
                 return
             for b in pending:
                 self.release[b] = lower_release(self.release[b])
-            out[pending] = self._nudge(denoised, pending, sigma)
+            out[pending] = self._turn(denoised, pending, sigma)
             pending = [b for b in pending if self.checks_used[b] < self.settings.pixel_checks]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nudging_core.errors import NudgeInputError
-from nudging_core.nudge import NudgeSettings, nudge_latents
+from nudging_core.nudge import NudgeSettings, nudge_latents, turn_away
 
 
 def test_nudge_lowers_cosine_to_undesired_and_raises_it_to_desired():
@@ -82,3 +82,33 @@ def test_stop_at_cos_halts_each_image_once_it_clears_the_bar():
         # Stops just below the bar (one Adam step past it at most), far above where 200 steps go.
         assert 0.7 < stopped.cos_undesired_after[b] <= 0.8
         assert free.cos_undesired_after[b] < stopped.cos_undesired_after[b] - 0.1
+
+
+def test_turn_away_lands_on_the_level_keeping_norm_and_plane():
+    torch.manual_seed(7)
+    items = torch.randn(3, 4, 8, 8)
+    latents = items + 0.2 * torch.randn(3, 4, 8, 8)
+    turned = turn_away(latents, items, torch.tensor([0.9, 0.6, 0.2]))
+    cosines = torch.nn.functional.cosine_similarity(turned.flatten(1), items.flatten(1), dim=1)
+    assert torch.allclose(cosines, torch.tensor([0.9, 0.6, 0.2]), atol=1e-4)
+    assert torch.allclose(turned.flatten(1).norm(dim=1), latents.flatten(1).norm(dim=1), rtol=1e-4)
+    # The turn stays in the plane of latent and item: nothing orthogonal to both changes.
+    probe = torch.randn(3, 4 * 8 * 8)
+    for k in range(3):
+        plane = torch.linalg.qr(torch.stack([latents[k].flatten(), items[k].flatten()], dim=1)).Q
+        off_plane = probe[k] - plane @ (plane.T @ probe[k])
+        assert abs(float(off_plane @ (turned[k].flatten() - latents[k].flatten()))) < 1e-3
+
+
+def test_turn_away_leaves_latents_already_below_the_level():
+    torch.manual_seed(8)
+    items = torch.randn(2, 4, 8, 8)
+    far = torch.randn(2, 4, 8, 8)
+    assert torch.equal(turn_away(far, items, 0.9), far)
+
+
+def test_turn_away_handles_a_latent_on_its_items_direction():
+    item = torch.randn(1, 4, 8, 8)
+    turned = turn_away(2.0 * item, item, 0.5)
+    assert torch.isfinite(turned).all()
+    assert abs(float(torch.nn.functional.cosine_similarity(turned.flatten(), item.flatten(), dim=0)) - 0.5) < 1e-4

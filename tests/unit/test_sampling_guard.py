@@ -2,7 +2,6 @@
 steers an Euler trajectory away from the memorized latent when the prediction comes close."""
 import torch
 
-from nudging_core.nudge import NudgeSettings
 from nudging_core.sampling_guard import GuardSettings, SamplingGuard
 
 
@@ -47,7 +46,7 @@ def test_guard_stays_off_for_far_predictions():
 
 def test_a_new_run_resets_what_was_caught():
     items = torch.ones(1, 4, 2, 2)
-    guard = SamplingGuard(items, GuardSettings(cos_threshold=0.5, nudge=NudgeSettings(steps=1)))
+    guard = SamplingGuard(items, GuardSettings(cos_threshold=0.5))
     guard(torch.ones(1, 4, 2, 2), 5.0)
     assert guard.caught == {0: 0}
     guard(-torch.ones(1, 4, 2, 2), 10.0)     # sigma went up: another sampling run
@@ -59,8 +58,8 @@ def test_caught_prediction_is_held_at_the_release_cosine_not_pushed_further():
     memorized = torch.randn(1, 4, 8, 8)
     guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9))
     out = guard(memorized + 0.05 * torch.randn(1, 4, 8, 8), 1.0)
-    # Down to the threshold and not far past it: the smallest change that clears the bar.
-    assert 0.8 < cos(out, memorized) <= 0.9
+    # Down to the threshold and no further: the smallest turn that clears the bar.
+    assert abs(cos(out, memorized) - 0.9) < 1e-4
 
 
 def test_pixel_check_lowers_the_release_until_the_image_is_no_copy():
