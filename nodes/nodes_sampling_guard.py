@@ -119,9 +119,9 @@ class MemorizationGuardModel(io.ComfyNode):
             description="Patches the MODEL for KSampler: at every step the predicted clean latent is compared with "
                         "the guarded set; when an image comes too close it is turned away inside the same pass "
                         "(LatentNudge's objective in closed form, no extra UNet work) until it is back at "
-                        "cos_threshold. With the VAE connected, its last predictions are decoded and turned further "
-                        "while they still decode to a copy. Prompts that never come close run unchanged. Check the final image with "
-                        "MemorizationFilter: a guard that failed is reported there.",
+                        "cos_threshold. With the VAE connected, its last predictions are decoded and turned "
+                        "further while they still decode to a copy. Prompts that never come close run unchanged. "
+                        "Check the final image with MemorizationFilter: a guard that failed is reported there.",
             inputs=[io.Model.Input("model", tooltip="The model to guard.")] + guard_inputs(),
             outputs=[io.Model.Output(display_name="model", tooltip="The guarded model.")],
         )

@@ -32,10 +32,6 @@ class NudgeSettings:
     steps: int = 30
     learning_rate: float = 0.1
     aggregate: str = "max"
-    # Stop optimising an image once its (aggregated) cosine to the undesired items is at or
-    # below this (one value, or one per image): the smallest change that clears the bar.
-    # None: always run all steps.
-    stop_at_cos: float | list[float] | None = None
 
 
 @dataclass
@@ -150,27 +146,19 @@ def nudge_latents(
         scale = start.flatten(1).std(dim=1).clamp(min=1e-6).view(-1, *([1] * (start.ndim - 1)))
         delta = torch.zeros_like(start, requires_grad=True)
         optimiser = torch.optim.Adam([delta], lr=settings.learning_rate)
-        moving = active.clone()
-        stop = None if settings.stop_at_cos is None else torch.as_tensor(
-            settings.stop_at_cos, dtype=torch.float32, device=start.device).expand(start.shape[0])
         for step in range(settings.steps):
+            if not bool(active.any()):
+                break
             optimiser.zero_grad(set_to_none=True)
             cu, cd = terms(start + scale * delta)
-            if stop is not None:
-                moving = moving & (cu.detach() > stop)
-            if not bool(moving.any()):
-                break
             loss_per = settings.beta * cu
             if cd is not None:
                 loss_per = loss_per - settings.alpha * cd
             loss_per = loss_per + settings.proximity * delta.square().flatten(1).mean(dim=1)
-            loss = (loss_per * moving).sum()
+            loss = (loss_per * active).sum()
             loss.backward()
-            delta.grad[~moving] = 0
-            held = delta.detach()[~moving].clone()
+            delta.grad[~active] = 0
             optimiser.step()
-            with torch.no_grad():
-                delta[~moving] = held     # Adam's momentum must not move a stopped image
             if on_step is not None:
                 on_step(step + 1, float(loss.detach()))
         result = (start + scale * delta).detach()
