@@ -89,13 +89,16 @@ def pixel_check(node_id, vae, latent_format, guarded_set):
     stored = guarded_set.pixels_float() if guarded_set.pixels is not None else None
 
     def reference(index, size):
+        """The item's pixels as float32 on the CPU, converted once per item."""
         if index not in references:
             pixels = stored
             if pixels is None or tuple(pixels.shape[1:3]) != size:
                 # No stored copy at this size: the item's own latent, decoded by this VAE.
-                references[index] = vae.decode(guarded_set.latents[index:index + 1]).reshape(1, *size, -1)[0, :, :, :3]
+                pixels = vae.decode(guarded_set.latents[index:index + 1]).reshape(1, *size, -1)[:, :, :, :3]
+                index_in = 0
             else:
-                references[index] = pixels[index]
+                index_in = index
+            references[index] = pixels[index_in].float().cpu()
         return references[index]
 
     def check(latents, items):
@@ -103,7 +106,7 @@ def pixel_check(node_id, vae, latent_format, guarded_set):
             images = vae.decode(latent_format.process_out(latents.clone()))
             images = images.reshape(latents.shape[0], images.shape[-3], images.shape[-2], images.shape[-1])
             size = tuple(images.shape[1:3])
-            return [tiled_l2(images[k, :, :, :3].float().cpu(), reference(j, size).float().cpu())
+            return [tiled_l2(images[k, :, :, :3].float().cpu(), reference(j, size))
                     for k, j in enumerate(items)]
 
     return check

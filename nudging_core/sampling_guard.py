@@ -108,27 +108,22 @@ class SamplingGuard:
         out = denoised.clone()
         out[owners] = self._turn(denoised, owners, sigma, cosines)
         if check_pixels and self.pixel_check is not None:
-            self._check_and_escalate(denoised, out, owners, sigma)
+            self._check_and_escalate(denoised, out, owners, sigma, cosines)
         return out
 
-    def _turn(self, denoised: torch.Tensor, rows: list[int], sigma: float,
-              cosines: torch.Tensor | None = None) -> torch.Tensor:
+    def _turn(self, denoised: torch.Tensor, rows: list[int], sigma: float, cosines: torch.Tensor) -> torch.Tensor:
         """Turn each row's prediction down to its release level (all rows in one batched step).
-        cosines: the rows' cosines to every item when the caller has them already."""
+        cosines: this call's cosines of every prediction to every item."""
         owned = [self.caught[b] for b in rows]
         levels = [self.release[b] for b in rows]
-        picked = denoised[rows]
-        if cosines is None:
-            cosines = torch.nn.functional.normalize(picked.flatten(1).float(), dim=1) @ self._unit_items.T
-            rows_in = list(range(len(rows)))
-        else:
-            rows_in = rows
-        before = cosines[rows_in, owned].tolist()
+        before = cosines[rows, owned].tolist()
         for b, j, cos_before, level in zip(rows, owned, before, levels):
             self.events.append(GuardEvent(b, j, sigma, cos_before, min(cos_before, level), level))
-        return turn_away(picked, self._items(denoised.device)[owned], torch.tensor(levels, device=denoised.device))
+        return turn_away(denoised[rows], self._items(denoised.device)[owned],
+                         torch.tensor(levels, device=denoised.device))
 
-    def _check_and_escalate(self, denoised: torch.Tensor, out: torch.Tensor, owners: list[int], sigma: float) -> None:
+    def _check_and_escalate(self, denoised: torch.Tensor, out: torch.Tensor, owners: list[int], sigma: float,
+                            cosines: torch.Tensor) -> None:
         """Decode-and-test the turned predictions; turn the ones that are still copies further."""
         pending = [b for b in owners if self.checks_used.get(b, 0) < self.settings.pixel_checks]
         while pending:
@@ -145,5 +140,5 @@ class SamplingGuard:
                 return
             for b in pending:
                 self.release[b] = lower_release(self.release[b])
-            out[pending] = self._turn(denoised, pending, sigma)
+            out[pending] = self._turn(denoised, pending, sigma, cosines)
             pending = [b for b in pending if self.checks_used[b] < self.settings.pixel_checks]

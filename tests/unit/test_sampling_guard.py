@@ -88,14 +88,20 @@ def counting_check(distance: float, calls: list):
     return lambda z, items: calls.append(1) or [distance] * z.shape[0]
 
 
+def run_checked(memorized, pixel_checks: int, distance: float, prediction) -> tuple[SamplingGuard, list]:
+    """Three check calls (sigma 3, 2, 1) on prediction(); returns the guard and its decodes."""
+    calls = []
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=pixel_checks),
+                          pixel_check=counting_check(distance, calls))
+    for sigma in (3.0, 2.0, 1.0):
+        guard(prediction(), sigma, check_pixels=True)
+    return guard, calls
+
+
 def test_pixel_checks_are_bounded_per_image():
     torch.manual_seed(4)
     memorized = torch.randn(1, 4, 8, 8)
-    calls = []
-    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=3),
-                          pixel_check=counting_check(0.05, calls))
-    for sigma in (3.0, 2.0, 1.0):
-        guard(memorized.clone(), sigma, check_pixels=True)
+    guard, calls = run_checked(memorized, 3, 0.05, memorized.clone)
     assert len(calls) == 3 and guard.still_copy == {0: True}
 
 
@@ -112,10 +118,5 @@ def test_an_image_far_from_its_item_is_cleared_after_one_decode():
     """Caught by the latent cosine but clearly no copy in pixels: one decode, then no more."""
     torch.manual_seed(6)
     memorized = torch.randn(1, 4, 8, 8)
-    calls = []
-    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9, pixel_checks=4),
-                          pixel_check=counting_check(0.3, calls))
-    for sigma in (3.0, 2.0, 1.0):
-        guard(memorized + 0.05 * torch.randn(1, 4, 8, 8), sigma, check_pixels=True)
+    guard, calls = run_checked(memorized, 4, 0.3, lambda: memorized + 0.05 * torch.randn(1, 4, 8, 8))
     assert len(calls) == 1 and guard.still_copy == {0: False} and guard.release[0] == 0.9
-
