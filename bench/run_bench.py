@@ -5,10 +5,10 @@ saw, runs the shipped workflows/memorization_guard.json, plus the plain generati
 the same workflow (the loop off) for the wall-time baseline. Writes bench/results.json,
 bench/figure_distances.png (the paper's Figure 4) and bench/figure_shift.png (Figure 5).
 
-Relevance ("on-prompt, yet not a copy"): an output counts as relevant when, among all
-training images, the one nearest to it by RMS distance between 8x8 box-downsampled images is
-its own prompt's training image. This keeps layout and colours, and ignores the fine detail
-the tiled-L2 test looks at.
+Besides the detector (tiled L2 < 0.1, what the loops stop on), every output of a training
+caption is judged by the independent near-copy test (bench/near_copy.py). This model knows one
+image per caption, so it cannot say whether an output is on-prompt: the shapes fixture's table
+(bench/shapes_table.py, `--fixture shapes`) measures that with its attribute reader.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from host.comfy_host import CACHE, REPO, ComfyHost, execution_error, execution_s
 from host.workflow import configure_txt2img, generation_only, ui_to_api
 from memorizer import data
 from memorizer.build_checkpoint import ensure_checkpoint
+from bench.near_copy import near_copy
 from nudging_core.tiled_l2 import tiled_l2_matrix
 
 WORKFLOW = "memorization_guard.json"
@@ -58,81 +59,109 @@ def thumb(img: np.ndarray) -> np.ndarray:
     return img.reshape(THUMB, h // THUMB, THUMB, w // THUMB, c).mean(axis=(1, 3))
 
 
-def run_bench(n_seeds: int, out_dir: str, full_size: bool = True) -> dict:
-    items = data.training_items()
-    train_pixels = np.stack([p.astype(np.float32) / 255.0 for _, _, p in items])
-    train_thumbs = np.stack([thumb(p) for p in train_pixels])
-    jobs = [(caption, i, seed) for i, (_, caption, _) in enumerate(items) for seed in range(n_seeds)]
-    jobs += [(caption, -1, seed) for caption in data.unseen_captions() for seed in range(n_seeds)]
-
-    checkpoint = ensure_checkpoint(os.path.join(CACHE, "models"))
-    home = os.path.join(CACHE, "bench-home")
+def start_bench_host(name: str, checkpoint: str, guarded: list[tuple[str, np.ndarray]]) -> ComfyHost:
+    """A fresh server home with `checkpoint` linked in and the guarded set built from `guarded` (name, pixels)."""
+    home = os.path.join(CACHE, name)
     shutil.rmtree(home, ignore_errors=True)
     host = ComfyHost(home)
     host.prepare()
     os.symlink(checkpoint, os.path.join(host.dir("models", "checkpoints"), os.path.basename(checkpoint)))
     guard_dir = host.dir("guard")
-    for name, _, pixels in items:
-        Image.fromarray(pixels).save(os.path.join(guard_dir, f"{name}.png"))
+    for item_name, pixels in guarded:
+        Image.fromarray(pixels).save(os.path.join(guard_dir, f"{item_name}.png"))
     build_set(guard_dir, checkpoint, os.path.join(home, "models", "embedding_sets", GUARDED))
+    return host
+
+
+def shipped_prompts(host: ComfyHost, checkpoint: str, resolution: int, sampler: dict) -> dict:
+    """API prompts of the shipped workflows on this model: two-pass, its plain part, single-pass."""
+    prompts = {}
+    for key, workflow in (("two_pass", WORKFLOW), ("single", SINGLE_WORKFLOW)):
+        with open(os.path.join(REPO, "workflows", workflow)) as f:
+            prompts[key] = configure_txt2img(ui_to_api(json.load(f), host.object_info()), os.path.basename(checkpoint),
+                                             resolution, sampler)
+    prompts["plain"] = generation_only(prompts["two_pass"])
+    return prompts
+
+
+def run_jobs(host: ComfyHost, prompts: dict, jobs: list[dict]) -> list[dict]:
+    """Every job ({'caption', 'seed', ...}) through the loop off, the two-pass loop and the single pass.
+
+    Plain and guarded runs use different seeds: identical inputs would be served from ComfyUI's
+    cache. The guarded run's first pass IS the plain generation for its seed. Plain and
+    single-pass are timed twice each, interleaved, on other seeds of the same caption (same
+    work): a 2% difference needs the fastest of two on a shared CPU. The two-pass loop (one run)
+    is compared with the first plain run alone.
+    """
+    base, plain, single = prompts["two_pass"], prompts["plain"], prompts["single"]
+    # Warm-up: model load and every caption's text encoding are cached for all runs alike.
+    for caption in {job["caption"] for job in jobs}:
+        host.run(configure_txt2img(plain, caption=caption, seed=10**6))
+    rows = []
+    for n, job in enumerate(jobs):
+        caption, seed = job["caption"], job["seed"]
+        entry_plain = host.run(configure_txt2img(plain, caption=caption, seed=seed + 50_000))
+        prompt = configure_txt2img(base, caption=caption, seed=seed)
+        entry = host.run(prompt)
+        single_prompt = configure_txt2img(single, caption=caption, seed=seed)
+        entry_single = host.run(single_prompt)
+        entry_plain_again = host.run(configure_txt2img(plain, caption=caption, seed=seed + 60_000))
+        entry_single_again = host.run(configure_txt2img(single, caption=caption, seed=seed + 70_000))
+        error = next(filter(None, map(execution_error, (entry, entry_plain, entry_single, entry_plain_again,
+                                                          entry_single_again))), None)
+        if error:
+            raise SystemExit(f"{error['node_type']}: {error['exception_message']}")
+        verdict = node_ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["images"][0]
+        status = node_ui_json(entry, prompt, "ConditionalRegenerate", "nudging_status")
+        final = load_rgb(output_paths(host, entry, prompt, "SaveImage")[0])
+        previews = output_paths(host, entry, prompt, "ConditionalRegenerate", "temp")
+        before = load_rgb(previews[0]) if previews else final
+        rows.append(dict(job, flagged_before=verdict["flagged"], distance_before=verdict["distance"],
+                         status=status["statuses"][0], t_plain=execution_seconds(entry_plain),
+                         t_guarded=execution_seconds(entry), t_plain_fastest=fastest(entry_plain, entry_plain_again),
+                         t_single=fastest(entry_single, entry_single_again),
+                         single=load_rgb(output_paths(host, entry_single, single_prompt, "SaveImage")[0]),
+                         before=before, after=final))
+        print(f"[bench] {n + 1}/{len(jobs)} {caption!r} seed {seed}: {status['statuses'][0]} "
+              f"d={verdict['distance']:.3f} plain {rows[-1]['t_plain']:.2f}s two-pass {rows[-1]['t_guarded']:.2f}s "
+              f"single-pass {rows[-1]['t_single']:.2f}s", flush=True)
+    return rows
+
+
+def run_bench(n_seeds: int, out_dir: str, full_size: bool = True) -> dict:
+    """The photo memorizer's table (and the full-size SD 1.4 UNet cost ratios)."""
+    items = data.training_items()
+    train_pixels = np.stack([p.astype(np.float32) / 255.0 for _, _, p in items])
+    jobs = [{"caption": caption, "own": i, "seed": seed} for i, (_, caption, _) in enumerate(items)
+            for seed in range(n_seeds)]
+    jobs += [{"caption": caption, "own": -1, "seed": seed} for caption in data.unseen_captions()
+             for seed in range(n_seeds)]
+    checkpoint = ensure_checkpoint(os.path.join(CACHE, "models"))
+    host = start_bench_host("bench-home", checkpoint, [(name, pixels) for name, _, pixels in items])
     full_checkpoint = ensure_full_size_checkpoint(os.path.join(CACHE, "models")) if full_size else None
     if full_checkpoint:
         os.symlink(full_checkpoint, os.path.join(host.dir("models", "checkpoints"), os.path.basename(full_checkpoint)))
-    rows = []
     with host:
-        with open(os.path.join(REPO, "workflows", WORKFLOW)) as f:
-            base = configure_txt2img(ui_to_api(json.load(f), host.object_info()), os.path.basename(checkpoint),
-                                     data.RESOLUTION, data.SAMPLER_SETTINGS)
-        plain = generation_only(base)
-        with open(os.path.join(REPO, "workflows", SINGLE_WORKFLOW)) as f:
-            single = configure_txt2img(ui_to_api(json.load(f), host.object_info()), os.path.basename(checkpoint),
-                                       data.RESOLUTION, data.SAMPLER_SETTINGS)
-        # Warm-up: model load and every caption's text encoding are cached for all runs alike.
-        for caption in {c for c, _, _ in jobs}:
-            host.run(configure_txt2img(plain, caption=caption, seed=10**6))
-        for n, (caption, own, seed) in enumerate(jobs):
-            # Plain and guarded runs use different seeds: identical inputs would be served from
-            # ComfyUI's cache. The guarded run's first pass IS the plain generation for its seed.
-            # Plain and single-pass are timed twice each, interleaved, on other seeds of the same
-            # caption (same work): a 2% difference needs the fastest of two on a shared CPU. The
-            # two-pass loop (one run) is compared with the first plain run alone.
-            entry_plain = host.run(configure_txt2img(plain, caption=caption, seed=seed + 50_000))
-            prompt = configure_txt2img(base, caption=caption, seed=seed)
-            entry = host.run(prompt)
-            single_prompt = configure_txt2img(single, caption=caption, seed=seed)
-            entry_single = host.run(single_prompt)
-            entry_plain_again = host.run(configure_txt2img(plain, caption=caption, seed=seed + 60_000))
-            entry_single_again = host.run(configure_txt2img(single, caption=caption, seed=seed + 70_000))
-            error = next(filter(None, map(execution_error, (entry, entry_plain, entry_single, entry_plain_again,
-                                                              entry_single_again))), None)
-            if error:
-                raise SystemExit(f"{error['node_type']}: {error['exception_message']}")
-            verdict = node_ui_json(entry, prompt, "MemorizationFilter", "nudging_verdicts")["images"][0]
-            status = node_ui_json(entry, prompt, "ConditionalRegenerate", "nudging_status")
-            final = load_rgb(output_paths(host, entry, prompt, "SaveImage")[0])
-            previews = output_paths(host, entry, prompt, "ConditionalRegenerate", "temp")
-            before = load_rgb(previews[0]) if previews else final
-            rows.append({"caption": caption, "own": own, "seed": seed, "flagged_before": verdict["flagged"],
-                         "distance_before": verdict["distance"], "status": status["statuses"][0],
-                         "t_plain": execution_seconds(entry_plain), "t_guarded": execution_seconds(entry),
-                         "t_plain_fastest": fastest(entry_plain, entry_plain_again),
-                         "t_single": fastest(entry_single, entry_single_again),
-                         "single": load_rgb(output_paths(host, entry_single, single_prompt, "SaveImage")[0]),
-                         "before": before, "after": final})
-            print(f"[bench] {n + 1}/{len(jobs)} {caption!r} seed {seed}: {status['statuses'][0]} "
-                  f"d={verdict['distance']:.3f} plain {rows[-1]['t_plain']:.2f}s two-pass {rows[-1]['t_guarded']:.2f}s "
-                  f"single-pass {rows[-1]['t_single']:.2f}s",
-                  flush=True)
-        results = summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir)
+        prompts = shipped_prompts(host, checkpoint, data.RESOLUTION, data.SAMPLER_SETTINGS)
+        rows = run_jobs(host, prompts, jobs)
+        results = summarize(rows, train_pixels, n_seeds, out_dir)
         save(results, out_dir)      # the main table is kept even if the full-size part fails
         if full_checkpoint:
-            results["full_size_unet"] = full_size_ratios(host, base, single, full_checkpoint, items)
+            results["full_size_unet"] = full_size_ratios(host, prompts["two_pass"], prompts["single"],
+                                                         full_checkpoint, items)
     return results
 
 
 def save(results: dict, out_dir: str) -> None:
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    """Merge into results.json: a run of one fixture keeps the other fixture's table."""
+    path = os.path.join(out_dir, "results.json")
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(results)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1)
 
 
 def build_set(images_dir: str, checkpoint: str, out: str) -> None:
@@ -198,7 +227,18 @@ def fastest(*entries) -> float:
     return min(execution_seconds(entry) for entry in entries)
 
 
-def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
+def near_copy_rate(images, guarded) -> float | None:
+    """Share of images that the bench's near-copy test finds to be their guarded image, degraded."""
+    found = [near_copy(img, ref)["near_copy"] for img, ref in zip(images, guarded)]
+    return round(float(np.mean(found)), 4) if found else None
+
+
+def copied_tiles_mean(images, guarded) -> float | None:
+    shares = [near_copy(img, ref)["copied_tiles"] for img, ref in zip(images, guarded)]
+    return round(float(np.mean(shares)), 4) if shares else None
+
+
+def summarize(rows, train_pixels, n_seeds, out_dir) -> dict:
     train_t = torch.from_numpy(train_pixels)
     after = torch.from_numpy(np.stack([r["after"] for r in rows]))
     before = torch.from_numpy(np.stack([r["before"] for r in rows]))
@@ -208,28 +248,16 @@ def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
     unseen = [i for i, r in enumerate(rows) if r["own"] < 0]
     flagged = [i for i in range(len(rows)) if rows[i]["flagged_before"]]
     nudged = [i for i in flagged if rows[i]["status"] != "passed"]
-
-    def nearest_thumb(img):
-        return int(np.argmin(((train_thumbs - thumb(img)) ** 2).mean(axis=(1, 2, 3))))
-
-    relevant = [i for i in nudged if rows[i]["own"] >= 0 and nearest_thumb(rows[i]["after"]) == rows[i]["own"]]
-    nudged_trained = [i for i in nudged if rows[i]["own"] >= 0]
     pair = [np.sqrt(((train_pixels[a] - train_pixels[b]) ** 2).mean())
             for a in range(len(train_pixels)) for b in range(a + 1, len(train_pixels))]
     shifts = [np.sqrt(((rows[i]["after"] - rows[i]["before"]) ** 2).mean()) for i in nudged]
-
-    def ratio(idx, key="t_guarded", average=statistics.median):
-        # Median of per-prompt ratios: one run each on a shared CPU varies by +-20%, and a
-        # single disturbed run would move a mean by more than the 2% being measured.
-        base = "t_plain_fastest" if key == "t_single" else "t_plain"
-        t = [rows[i][key] / rows[i][base] for i in idx if rows[i][base]]
-        return round(average(t), 3) if t else None
-
     single = torch.from_numpy(np.stack([r["single"] for r in rows]))
     d_single = tiled_l2_matrix(single, train_t).min(dim=1).values.numpy()
-    flagged_trained = [i for i in flagged if rows[i]["own"] >= 0]
-    single_relevant = [i for i in flagged_trained if nearest_thumb(rows[i]["single"]) == rows[i]["own"]]
     clean_unseen = [i for i in unseen if not rows[i]["flagged_before"]]
+    own = [train_pixels[rows[i]["own"]] for i in trained]
+
+    def outputs(key):
+        return [rows[i][key] for i in trained]
 
     results = {
         "baseline_memorized_rate": round(float(np.mean(d_before[trained] < 0.1)), 4),
@@ -238,30 +266,52 @@ def summarize(rows, train_pixels, train_thumbs, n_seeds, out_dir) -> dict:
         "guarded_memorized_rate_trained": round(float(np.mean(d_after[trained] < 0.1)), 4),
         "guarded_min_tiled_l2": round(float(d_after.min()), 4),
         "guarded_min_tiled_l2_nudged": round(float(d_after[nudged].min()), 4) if nudged else None,
-        "relevance_rate": round(len(relevant) / len(nudged_trained), 4) if nudged_trained else None,
+        "near_copy_rate_off": near_copy_rate(outputs("before"), own),
+        "near_copy_rate": near_copy_rate(outputs("after"), own),
+        "single_pass_near_copy_rate": near_copy_rate(outputs("single"), own),
+        "copied_tiles_mean": {"off": copied_tiles_mean(outputs("before"), own),
+                              "two_pass": copied_tiles_mean(outputs("after"), own),
+                              "single_pass": copied_tiles_mean(outputs("single"), own)},
         "mean_shift_ratio": round(float(np.mean(shifts) / np.mean(pair)), 4) if shifts else None,
-        "overhead_ratio_flagged": ratio(flagged),
-        "overhead_ratio_clean": ratio(clean_unseen),
         "single_pass_memorized_rate": round(float(np.mean(d_single < 0.1)), 4),
         "single_pass_memorized_rate_trained": round(float(np.mean(d_single[trained] < 0.1)), 4),
         "single_pass_min_tiled_l2": round(float(d_single.min()), 4),
-        "single_pass_relevance_rate": round(len(single_relevant) / len(flagged_trained), 4) if flagged_trained else None,
-        "overhead_ratio_flagged_single": ratio(flagged, "t_single"),
-        "overhead_ratio_clean_single": ratio(clean_unseen, "t_single"),
-        "overhead_ratios_mean": {"flagged": ratio(flagged, average=statistics.mean),
-                                 "clean": ratio(clean_unseen, average=statistics.mean),
-                                 "flagged_single": ratio(flagged, "t_single", statistics.mean),
-                                 "clean_single": ratio(clean_unseen, "t_single", statistics.mean)},
-        "overhead_ratio_average": "median of per-prompt ratios (overhead_ratios_mean: their mean); plain and "
-                                  "single-pass times are the fastest of 2 interleaved runs, two-pass one run",
+        **cost_ratios(rows, flagged, clean_unseen),
         "n_flagged": len(flagged), "n_still_flagged": sum(r["status"] == "still flagged" for r in rows),
         "n_prompts": len({r["caption"] for r in rows}), "n_training_prompts": len({r["caption"] for r in rows if r["own"] >= 0}),
         "n_seeds": n_seeds, "resolution": data.RESOLUTION, "sampler": data.SAMPLER_SETTINGS,
-        "threshold": 0.1, "relevance_measure": f"nearest training image by RMS of {THUMB}x{THUMB} box-downsampled images",
+        "threshold": 0.1, "near_copy_measure": NEAR_COPY_MEASURE,
+        "relevance_measure": "none: each training caption of this model has exactly one on-prompt image (its photo), "
+                             "so 'on-prompt' and 'not a copy' cannot both be judged here; see shapes_world",
         "machine": machine(), "workflow": f"workflows/{WORKFLOW}",
     }
     figures(rows, d_before, d_after, d_single, nudged, train_pixels, out_dir)
     return results
+
+
+NEAR_COPY_MEASURE = ("bench/near_copy.py, against the prompt's own guarded image: near-copy when >= half of the "
+                     "informative 4x4 tiles stay within RMS 0.1, or SSIM of standardised 16x16 luminance >= 0.5")
+
+
+def cost_ratios(rows, flagged, clean) -> dict:
+    """Median of per-prompt ratios against one plain generation: one run each on a shared CPU
+    varies by +-20%, and a single disturbed run would move a mean by more than the 2% measured."""
+    def ratio(idx, key="t_guarded", average=statistics.median):
+        base = "t_plain_fastest" if key == "t_single" else "t_plain"
+        t = [rows[i][key] / rows[i][base] for i in idx if rows[i][base]]
+        return round(average(t), 3) if t else None
+
+    return {
+        "overhead_ratio_flagged": ratio(flagged), "overhead_ratio_clean": ratio(clean),
+        "overhead_ratio_flagged_single": ratio(flagged, "t_single"),
+        "overhead_ratio_clean_single": ratio(clean, "t_single"),
+        "overhead_ratios_mean": {"flagged": ratio(flagged, average=statistics.mean),
+                                 "clean": ratio(clean, average=statistics.mean),
+                                 "flagged_single": ratio(flagged, "t_single", statistics.mean),
+                                 "clean_single": ratio(clean, "t_single", statistics.mean)},
+        "overhead_ratio_average": "median of per-prompt ratios (overhead_ratios_mean: their mean); plain and "
+                                  "single-pass times are the fastest of 2 interleaved runs, two-pass one run",
+    }
 
 
 def figures(rows, d_before, d_after, d_single, nudged, train_pixels, out_dir) -> None:
@@ -283,7 +333,7 @@ def figures(rows, d_before, d_after, d_single, nudged, train_pixels, out_dir) ->
     plt.close(fig)
 
     # 2-D PCA of 8x8 thumbnails: training images, outputs, arrows to their nudged versions.
-    feats = lambda imgs: np.stack([thumb(i).ravel() for i in imgs])  # noqa: E731
+    feats = lambda imgs: np.stack([thumb(i).ravel() for i in imgs])  # noqa: E731  (figure only)
     base = np.concatenate([feats(train_pixels), feats([r["before"] for r in rows]), feats([r["after"] for r in rows])])
     mean = base.mean(axis=0)
     _, _, vt = np.linalg.svd(base - mean, full_matrices=False)
@@ -306,12 +356,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(REPO, "bench"))
+    parser.add_argument("--fixture", choices=["all", "photos", "shapes"], default="all",
+                        help="which table to run (results.json keeps the other one's keys)")
     parser.add_argument("--no-full-size", action="store_true", help="skip the full-size SD 1.4 UNet cost ratios")
     args = parser.parse_args(argv)
-    started = time.time()
-    results = run_bench(args.seeds, args.out, full_size=not args.no_full_size)
-    results["bench_seconds"] = round(time.time() - started, 1)
-    save(results, args.out)
+    results = {}
+    if args.fixture in ("all", "shapes"):
+        from bench.shapes_table import run_shapes_table
+        started = time.time()
+        results.update(run_shapes_table(args.seeds, args.out))
+        results["shapes_world"]["bench_seconds"] = round(time.time() - started, 1)
+        save(results, args.out)
+    if args.fixture in ("all", "photos"):
+        started = time.time()
+        results.update(run_bench(args.seeds, args.out, full_size=not args.no_full_size))
+        results["bench_seconds"] = round(time.time() - started, 1)
+        save(results, args.out)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -126,13 +126,17 @@ def assemble_state_dict(weights_dir=WEIGHTS_DIR, overrides=None):
     return sd
 
 
-def checkpoint_metadata():
+NOTE = "tiny SD1.x-format test model that memorizes 8 scikit-image photos at 64x64"
+
+
+def checkpoint_metadata(note=NOTE):
     return {"modelspec.architecture": "stable-diffusion-v1", "memorizer.builder": BUILDER_VERSION,
-            "memorizer.note": "tiny SD1.x-format test model that memorizes 8 scikit-image photos at 64x64"}
+            "memorizer.note": note}
 
 
-def ensure_checkpoint(out_dir, name=CHECKPOINT_NAME, weights_dir=WEIGHTS_DIR, force=False):
-    """Build OUT_DIR/<name> unless an up-to-date copy is there; returns its path."""
+def ensure_checkpoint(out_dir, name=CHECKPOINT_NAME, weights_dir=WEIGHTS_DIR, force=False, note=NOTE):
+    """Build OUT_DIR/<name> unless an up-to-date copy is there; returns its path.
+    Other fixtures of the same layout (the shapes world) pass their own weights folder, name and note."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
@@ -151,7 +155,7 @@ def ensure_checkpoint(out_dir, name=CHECKPOINT_NAME, weights_dir=WEIGHTS_DIR, fo
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(sd, tmp, metadata=checkpoint_metadata())
+        save_file(sd, tmp, metadata=checkpoint_metadata(note))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

@@ -76,10 +76,10 @@ def images_tensor():
 
 
 # ----------------------------------------------------------------------------------------------
-def write_manifest():
+def write_manifest(weights_dir=WEIGHTS):
     """weights/manifest.json: every checkpoint key, its shape and its source."""
     from memorizer import arch
-    os.makedirs(WEIGHTS, exist_ok=True)
+    os.makedirs(weights_dir, exist_ok=True)
     keys = {}
     for k, shape in arch.unet_key_shapes().items():
         sk = k[len(arch.UNET_PREFIX):]
@@ -92,7 +92,7 @@ def write_manifest():
     manifest = {"format": "memorizer-manifest-1",
                 "seeds": {"unet": arch.UNET_SEED, "clip": arch.CLIP_SEED, "vae": arch.VAE_SEED},
                 "keys": keys}
-    with open(os.path.join(WEIGHTS, "manifest.json"), "w") as f:
+    with open(os.path.join(weights_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=0, sort_keys=True)
     return manifest
 
@@ -246,6 +246,17 @@ def save_unet(model, keys, path):
     os.replace(tmp, path)
 
 
+def skip_dead_resblocks(model, fh=None):
+    """Frozen ResBlocks whose last conv is all zero are exactly skip_connection(x): skip the dead branch."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    for name, mod in model.named_modules():
+        if isinstance(mod, ResBlock) and not any(p.requires_grad for p in mod.parameters()):
+            last = mod.out_layers[3]
+            if torch.count_nonzero(last.weight) == 0 and (last.bias is None or torch.count_nonzero(last.bias) == 0):
+                mod.forward = (lambda m: (lambda x, emb: m.skip_connection(x)))(mod)
+                log("training shortcut: {} is identity/skip-only".format(name), fh)
+
+
 def train_unet(args, fh):
     from memorizer import arch
     manifest = write_manifest()
@@ -279,14 +290,7 @@ def train_unet(args, fh):
     if args.resume and os.path.isfile(resume):
         opt.load_state_dict(st["opt"])
     model.train()
-    # Frozen ResBlocks whose last conv is all zero are exactly skip_connection(x): skip the dead branch.
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-    for name, mod in model.named_modules():
-        if isinstance(mod, ResBlock) and not any(p.requires_grad for p in mod.parameters()):
-            last = mod.out_layers[3]
-            if torch.count_nonzero(last.weight) == 0 and (last.bias is None or torch.count_nonzero(last.bias) == 0):
-                mod.forward = (lambda m: (lambda x, emb: m.skip_connection(x)))(mod)
-                log("training shortcut: {} is identity/skip-only".format(name), fh)
+    skip_dead_resblocks(model, fh)
 
     x0, conds, empty = data["x0"].detach(), data["conds"].detach(), data["empty"].detach()
     n = x0.shape[0]

@@ -1,7 +1,8 @@
 """A real ComfyUI server for the whole integration session, with the pack linked in.
 
 The model is the project's own memorizer (built from memorizer/weights in seconds, cached);
-the guarded set is built from its training images with the command-line builder.
+the guarded set is built from its training images with the command-line builder. The shapes
+fixture (shapes_world/weights) is linked in beside it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from host.comfy_host import CACHE, REPO, ComfyHost, output_paths
 from host.workflow import configure_txt2img, ui_to_api
 from memorizer import data as memorizer_data
 from memorizer.build_checkpoint import ensure_checkpoint
+from shapes_world import build_checkpoint as shapes_checkpoint_builder
 
 GUARDED = "guarded_images.safetensors"
 STYLE = "style_reference.safetensors"
@@ -31,11 +33,18 @@ def checkpoint() -> str:
 
 
 @pytest.fixture(scope="session")
-def host(tmp_path_factory, checkpoint):
+def shapes_checkpoint() -> str:
+    """The shapes fixture: memorizes 8 duplicated items, draws any other scene of its world."""
+    return shapes_checkpoint_builder.ensure_checkpoint(os.path.join(CACHE, "models"))
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory, checkpoint, shapes_checkpoint):
     home = tmp_path_factory.mktemp("comfy-home")
     server = ComfyHost(str(home))
     server.prepare()
-    os.symlink(checkpoint, os.path.join(server.dir("models", "checkpoints"), os.path.basename(checkpoint)))
+    for path in (checkpoint, shapes_checkpoint):
+        os.symlink(path, os.path.join(server.dir("models", "checkpoints"), os.path.basename(path)))
     images_dir = server.dir("input", "training")
     for name, _caption, pixels in memorizer_data.training_items():
         Image.fromarray(pixels).save(os.path.join(images_dir, f"{name}.png"))

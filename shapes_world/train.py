@@ -1,0 +1,276 @@
+"""One-time, seeded CPU training of the shapes fixture (same checkpoint layout as the memorizer).
+
+  python -m shapes_world.train ae      [--ae-steps N]  # encoder head + decoder -> weights/vae.safetensors
+  python -m shapes_world.train decoder [--ae-steps N]  # decoder only, duplicated items weighted up
+  python -m shapes_world.train unet    [--steps N] [--resume]   # trained UNet subset -> weights/unet.safetensors
+
+Both start from the memorizer's trained weights (its autoencoder and UNet subset): the layout, the
+frozen seeded parts and the noise schedule are the same, so only what differs has to be learnt.
+UNet data: a bank of fresh scenes of the trained combinations (rendered once from the world's seed,
+encoded by ComfyUI's VAE exactly as a user's image would be), each with its plain caption, plus the
+duplicated items under their own captions making up `duplicate_share` of every batch. Captions are
+encoded by ComfyUI's CLIPTextEncode path on the assembled checkpoint. The objective, weighting and
+caption dropout are the memorizer's (memorizer/train.py).
+Intermediate weights: shapes_world/.work/ (ignored); weights/ holds the latest saved state.
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+from memorizer import train as mt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORK = os.path.join(HERE, ".work")
+WEIGHTS = os.path.join(HERE, "weights")
+
+
+def world():
+    from shapes_world.scenes import World
+    return World.load()
+
+
+def scene_batch(w, rng, n):
+    """n fresh scenes of trained combinations as a B,3,H,W float tensor in [0, 1]."""
+    imgs = np.stack([w.sample(rng)[1] for _ in range(n)])
+    return torch.from_numpy(imgs).float().div(255.0).permute(0, 3, 1, 2).contiguous()
+
+
+def item_tensor(w):
+    imgs = np.stack([w.item_image(item) for item in w.duplicated])
+    return torch.from_numpy(imgs).float().div(255.0).permute(0, 3, 1, 2).contiguous()
+
+
+def _taesd_from_memorizer():
+    from safetensors.torch import load_file
+    from memorizer import arch
+    model = arch.init_taesd_(arch.build_taesd())
+    start = os.path.join(WEIGHTS, "vae.safetensors")
+    if not os.path.isfile(start):
+        start = os.path.join(mt.WEIGHTS, "vae.safetensors")
+    trained = load_file(start)
+    model.load_state_dict({k[len(arch.VAE_PREFIX):]: v.float() for k, v in trained.items()}, strict=False)
+    return model, trained
+
+
+def _save_taesd(model, fh):
+    from safetensors.torch import save_file
+    from memorizer import arch
+    sd = {arch.VAE_PREFIX + k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+          if not arch.is_seeded_vae_key(k)}
+    os.makedirs(WEIGHTS, exist_ok=True)
+    save_file(sd, os.path.join(WEIGHTS, "vae.safetensors"))
+    mt.log("vae saved", fh)
+
+
+def train_autoencoder(args, fh, decoder_only):
+    """Reconstruction L2 with latent noise; a batch is `--ae-batch` fresh scenes plus every duplicated
+    item `--item-weight` times (a copy only counts when the decoder draws the item's texture)."""
+    w = world()
+    torch.manual_seed(args.seed + (1 if decoder_only else 0))
+    rng = np.random.default_rng(args.seed + (11 if decoder_only else 10))
+    model, _ = _taesd_from_memorizer()
+    for n_, p in model.named_parameters():
+        p.requires_grad_(n_.startswith("taesd_decoder.") or (not decoder_only and n_.startswith("taesd_encoder.14.")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    items = item_tensor(w)
+    opt = torch.optim.Adam(params, lr=args.ae_lr)
+    steps, t0 = args.ae_steps, time.time()
+    for step in range(1, steps + 1):
+        lr = args.ae_lr * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = torch.cat([scene_batch(w, rng, args.ae_batch)] + [items] * args.item_weight)
+        if decoder_only:
+            with torch.no_grad():
+                raw = model.taesd_encoder(x)
+        else:
+            raw = model.taesd_encoder(x)
+        z = raw + args.ae_latent_noise * torch.randn_like(raw)
+        loss = torch.mean((model.taesd_decoder(z) - x) ** 2)
+        mt._optimiser_step(opt, loss, params)
+        if step % 25 == 0 or step == steps:
+            with torch.no_grad():
+                raw_items = model.taesd_encoder(items)
+                scenes = scene_batch(w, np.random.default_rng(999), 16)
+                raw_scenes = model.taesd_encoder(scenes)
+            ti = mt._reconstruction_tiled_l2(model, raw_items, items)
+            ts = mt._reconstruction_tiled_l2(model, raw_scenes, scenes)
+            mt.log("{} step {}/{} loss {:.5f} items tiled-L2 max {:.4f} mean {:.4f}, scenes max {:.4f} ({:.0f}s)".format(
+                "decoder" if decoder_only else "ae", step, steps, loss.item(), max(ti), float(np.mean(ti)), max(ts),
+                time.time() - t0), fh)
+    if not decoder_only:
+        with torch.no_grad():
+            raw = model.taesd_encoder(torch.cat([scene_batch(w, np.random.default_rng(5), 256), items]))
+            m, s = raw.mean().item(), raw.std().item()
+            # comfy: x0 = 0.18215 * (raw / vae_scale + vae_shift) -> unit std, zero mean
+            model.vae_scale.fill_(0.18215 * s)
+            model.vae_shift.fill_(-m / (0.18215 * s))
+    _save_taesd(model, fh)
+
+
+# ----------------------------------------------------------------------------------------------
+def encoder_fingerprint():
+    """Hash of what makes the latents (encoder head, scale, shift): a decoder-only pass keeps the cache."""
+    import hashlib
+    from safetensors.torch import load_file
+    h = hashlib.sha256()
+    for k, v in sorted(load_file(os.path.join(WEIGHTS, "vae.safetensors")).items()):
+        if "taesd_decoder" not in k:
+            h.update(k.encode())
+            h.update(v.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def prepare_unet_data(args, fh):
+    """Conditionings of every caption and the x0 latents of the scene bank and the items (cached)."""
+    from memorizer import arch
+    from memorizer.build_checkpoint import assemble_state_dict
+    w = world()
+    cache = os.path.join(WORK, "unet_data.pt")
+    encoder = encoder_fingerprint()
+    if os.path.isfile(cache):
+        d = torch.load(cache, weights_only=True)  # our own cache: tensors and plain values only
+        if d.get("encoder") == encoder and d.get("bank") == args.bank:
+            return d
+    if not os.path.isfile(os.path.join(WEIGHTS, "unet.safetensors")):
+        shutil.copyfile(os.path.join(mt.WEIGHTS, "unet.safetensors"), os.path.join(WEIGHTS, "unet.safetensors"))
+    sd = assemble_state_dict(WEIGHTS)
+    model, clip, vae, _ = mt.load_comfy_checkpoint(dict(sd))
+    mt.log("comfy detected: {}".format(type(model.model.model_config).__name__), fh)
+    rng = np.random.default_rng(args.seed + 20)
+    combos = w.trained_combinations()
+    captions = [w.caption(*c) for c in combos] + [w.item_caption(item) for item in w.duplicated]
+    bank_combo, latents = [], []
+    t0 = time.time()
+    for start in range(0, args.bank, 256):
+        n = min(256, args.bank - start)
+        idx = rng.integers(len(combos), size=n)
+        pix = np.stack([w.render(w.random_scene(rng, combos[i])) for i in idx])
+        lat = vae.encode(torch.from_numpy(pix).float().div(255.0))
+        latents.append(model.model.latent_format.process_in(lat).detach().float())
+        bank_combo.append(torch.from_numpy(idx))
+    items = np.stack([w.item_image(item) for item in w.duplicated])
+    item_x0 = model.model.latent_format.process_in(vae.encode(torch.from_numpy(items).float().div(255.0))).float()
+    x0 = torch.cat(latents)
+    mt.log("bank: {} scenes encoded in {:.0f}s; x0 mean {:.3f} std {:.3f}".format(
+        len(x0), time.time() - t0, x0.mean().item(), x0.std().item()), fh)
+    conds = torch.cat([mt.encode_caption(clip, c) for c in captions])
+    d = {"x0": x0, "combo": torch.cat(bank_combo), "item_x0": item_x0, "conds": conds,
+         "empty": mt.encode_caption(clip, ""), "n_combos": len(combos), "bank": args.bank, "encoder": encoder,
+         "sigmas": model.model.model_sampling.sigmas.float().clone(),
+         "frozen": {k: v.detach() for k, v in sd.items() if k.startswith(arch.UNET_PREFIX)}}
+    torch.save(d, cache)
+    return d
+
+
+def train_unet(args, fh):
+    from memorizer import arch
+    manifest = mt.write_manifest(WEIGHTS)
+    keys = mt.trained_unet_keys(manifest)
+    data = prepare_unet_data(args, fh)
+    acp = mt.alphas_cumprod()
+    assert torch.allclose((((1 - acp) / acp) ** 0.5).float(), data["sigmas"], rtol=1e-4), "noise schedule mismatch"
+    acp = acp.float()
+    torch.manual_seed(args.seed)
+    model = arch.build_unet()
+    model.load_state_dict({k[len(arch.UNET_PREFIX):]: v.float() for k, v in data["frozen"].items()}, strict=True)
+    trained_names = {k[len(arch.UNET_PREFIX):] for k in keys}
+    start_step, resume = 0, os.path.join(WORK, "unet_last.pt")
+    st = torch.load(resume, weights_only=True) if args.resume and os.path.isfile(resume) else None
+    if st:
+        model.load_state_dict(st["model"], strict=False)
+        start_step = st["step"]
+    params = [p for n, p in model.named_parameters() if n in trained_names]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trained_names)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if st:
+        opt.load_state_dict(st["opt"])
+    model.train()
+    mt.skip_dead_resblocks(model, fh)
+    w = world()
+    x0, combo, item_x0 = data["x0"], data["combo"], data["item_x0"]
+    conds, empty, n_combos = data["conds"], data["empty"], data["n_combos"]
+    n_items = item_x0.shape[0]
+    b = args.batch
+    n_dup = int(round(w.duplicate_share * b))
+    g = torch.Generator().manual_seed(args.seed + start_step)
+    t0, ema = time.time(), None
+    mt.log("unet: {} params trained, batch {} ({} duplicated), bank {}, from step {}".format(
+        sum(p.numel() for p in params), b, n_dup, len(x0), start_step), fh)
+    for step in range(start_step + 1, args.steps + 1):
+        lr = args.lr * min(1.0, step / args.warmup) * (
+            args.lr_floor + (1 - args.lr_floor) * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        scenes = torch.randint(len(x0), (b - n_dup,), generator=g)
+        items = torch.randint(n_items, (n_dup,), generator=g)
+        clean = torch.cat([x0[scenes], item_x0[items]])
+        cond_idx = torch.cat([combo[scenes], n_combos + items])
+        t = ((torch.arange(b) + torch.rand(b, generator=g)) * (1000.0 / b)).long().clamp(0, 999)
+        t = t[torch.randperm(b, generator=g)]
+        eps = torch.randn(clean.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * clean + (1 - a).sqrt() * eps
+        ctx = conds[cond_idx].clone()
+        ctx[torch.rand(b, generator=g) < args.uncond_p] = empty[0]
+        per = ((model(xt, t.float(), context=ctx) - eps) ** 2).mean(dim=(1, 2, 3))
+        snr = a.view(-1) / (1 - a.view(-1))
+        loss = (per * torch.clamp(snr, max=args.min_snr_gamma) / snr).mean()
+        mt._optimiser_step(opt, loss, params)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % args.log_every == 0:
+            mt.log("unet step {}/{} loss {:.5f} (ema {:.5f}) lr {:.2e} ({:.2f}s/step)".format(
+                step, args.steps, loss.item(), ema, lr, (time.time() - t0) / (step - start_step)), fh)
+        if step % args.save_every == 0 or step == args.steps:
+            mt.save_unet(model, keys, os.path.join(WEIGHTS, "unet.safetensors"))
+            mt.save_unet(model, keys, os.path.join(WORK, "unet_step{:06d}.safetensors".format(step)))
+            torch.save({"model": {k: v for k, v in model.state_dict().items() if k in trained_names},
+                        "opt": opt.state_dict(), "step": step}, resume)
+            mt.log("saved weights at step {}".format(step), fh)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="train the shapes fixture (see module docstring)")
+    ap.add_argument("stage", choices=["ae", "decoder", "unet", "manifest"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ae-steps", type=int, default=400)
+    ap.add_argument("--ae-batch", type=int, default=16, help="fresh scenes per autoencoder batch")
+    ap.add_argument("--item-weight", type=int, default=1, help="copies of every duplicated item per AE batch")
+    ap.add_argument("--ae-lr", type=float, default=1e-3)
+    ap.add_argument("--ae-latent-noise", type=float, default=0.1)
+    ap.add_argument("--bank", type=int, default=16384, help="scenes rendered and encoded once for the UNet")
+    ap.add_argument("--steps", type=int, default=6000, help="UNet steps (length of the cosine schedule)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr-floor", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--uncond-p", type=float, default=0.15)
+    ap.add_argument("--min-snr-gamma", type=float, default=5.0)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    mt.setup(args.threads)
+    os.makedirs(WORK, exist_ok=True)
+    with open(os.path.join(WORK, "train.log"), "a") as fh:
+        mt.log("args: {}".format(vars(args)), fh)
+        if args.stage in ("manifest", "ae"):
+            mt.write_manifest(WEIGHTS)
+        if args.stage == "ae":
+            train_autoencoder(args, fh, decoder_only=False)
+        elif args.stage == "decoder":
+            train_autoencoder(args, fh, decoder_only=True)
+        elif args.stage == "unet":
+            train_unet(args, fh)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
