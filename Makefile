@@ -2,7 +2,7 @@
 PY := .cache/venv/bin/python
 CKPT ?=
 
-.PHONY: host demo test test-unit test-integration screenshots bench workflows clean
+.PHONY: host demo test test-unit test-integration screenshots bench workflows clean shapes-eval
 
 host:
 	bash host/setup_host.sh
@@ -27,6 +27,10 @@ clean:
 
 bench: host
 	$(PY) -m bench.run_bench
+
+# The shapes fixture's own targets (memorizes its duplicated items, generalizes elsewhere).
+shapes-eval: host
+	$(PY) -m shapes_world.evaluate --seeds 10
 
 # Screenshots of the canvas UI (docs/screenshots/*.png) and the template-browser thumbnails
 # (workflows/<name>.jpg), taken by the browser end-to-end test in the real frontend.

@@ -153,12 +153,21 @@ def run_bench(n_seeds: int, out_dir: str, full_size: bool = True) -> dict:
 
 
 def save(results: dict, out_dir: str) -> None:
-    """Merge into results.json: a run of one fixture keeps the other fixture's table."""
+    """Write results.json. A run of one fixture keeps the other fixture's table, and a photo run
+    without the full-size part keeps the earlier full-size figures (marked as such); every other
+    key of the table that ran is replaced, so no stale figure survives."""
     path = os.path.join(out_dir, "results.json")
-    merged = {}
+    old = {}
     if os.path.isfile(path):
         with open(path) as f:
-            merged = json.load(f)
+            old = json.load(f)
+    merged = {}
+    if "shapes_world" not in results and "shapes_world" in old:
+        merged["shapes_world"] = old["shapes_world"]
+    if "baseline_memorized_rate" not in results:            # the photo table did not run: keep it whole
+        merged.update({k: v for k, v in old.items() if k != "shapes_world"})
+    elif "full_size_unet" not in results and "full_size_unet" in old:
+        merged["full_size_unet"] = dict(old["full_size_unet"], note="from an earlier run (this one skipped it)")
     merged.update(results)
     with open(path, "w") as f:
         json.dump(merged, f, indent=1)

@@ -105,9 +105,9 @@ class World:
         return Scene(*combination, x=float(rng.uniform(lo, hi)), y=float(rng.uniform(lo, hi)), size=size,
                      rotation=float(rng.uniform(0.0, 360.0)))
 
-    def shape_mask(self, scene: Scene) -> np.ndarray:
+    def shape_mask(self, scene: Scene, supersample: int = SUPERSAMPLE) -> np.ndarray:
         """Coverage in [0, 1] of each pixel by the shape (H, W), anti-aliased."""
-        n = self.resolution * SUPERSAMPLE
+        n = self.resolution * supersample
         coords = (np.arange(n, dtype=np.float64) + 0.5) / n
         px, py = np.meshgrid(coords, coords)
         # into the shape's own frame: centred, unrotated, circumradius 1
@@ -121,7 +121,7 @@ class World:
             inside = _inside_polygon(u, v, np.asarray(spec["vertices"], np.float64))
         else:
             raise ValueError(f"shape {scene.shape!r}: unknown kind {spec['kind']!r} (circle or polygon)")
-        return inside.reshape(self.resolution, SUPERSAMPLE, self.resolution, SUPERSAMPLE).mean(axis=(1, 3))
+        return inside.reshape(self.resolution, supersample, self.resolution, supersample).mean(axis=(1, 3))
 
     def render(self, scene: Scene, texture: np.ndarray | None = None, texture_on: str = "shape") -> np.ndarray:
         """HxWx3 uint8. `texture` (HxW in [0, 1]) modulates the shape or the background around its colour."""

@@ -68,6 +68,14 @@ def _save_taesd(model, fh):
     mt.log("vae saved", fh)
 
 
+def edge_l1(rec, x):
+    """L1 between the images' horizontal and vertical differences: L2 alone rounds a shape's corners
+    (they are few pixels), and a rounded cross or triangle no longer reads as one."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean()
+
+
 def train_autoencoder(args, fh, decoder_only):
     """Reconstruction L2 with latent noise; a batch is `--ae-batch` fresh scenes plus every duplicated
     item `--item-weight` times (a copy only counts when the decoder draws the item's texture)."""
@@ -92,7 +100,8 @@ def train_autoencoder(args, fh, decoder_only):
         else:
             raw = model.taesd_encoder(x)
         z = raw + args.ae_latent_noise * torch.randn_like(raw)
-        loss = torch.mean((model.taesd_decoder(z) - x) ** 2)
+        rec = model.taesd_decoder(z)
+        loss = torch.mean((rec - x) ** 2) + args.ae_edge_weight * edge_l1(rec, x)
         mt._optimiser_step(opt, loss, params)
         if step % 25 == 0 or step == steps:
             with torch.no_grad():
@@ -156,7 +165,7 @@ def prepare_unet_data(args, fh):
         latents.append(model.model.latent_format.process_in(lat).detach().float())
         bank_combo.append(torch.from_numpy(idx))
     items = np.stack([w.item_image(item) for item in w.duplicated])
-    item_x0 = model.model.latent_format.process_in(vae.encode(torch.from_numpy(items).float().div(255.0))).float()
+    item_x0 = model.model.latent_format.process_in(vae.encode(torch.from_numpy(items).float().div(255.0))).detach().float()
     x0 = torch.cat(latents)
     mt.log("bank: {} scenes encoded in {:.0f}s; x0 mean {:.3f} std {:.3f}".format(
         len(x0), time.time() - t0, x0.mean().item(), x0.std().item()), fh)
@@ -195,7 +204,7 @@ def train_unet(args, fh):
     model.train()
     mt.skip_dead_resblocks(model, fh)
     w = world()
-    x0, combo, item_x0 = data["x0"], data["combo"], data["item_x0"]
+    x0, combo, item_x0 = data["x0"].detach(), data["combo"], data["item_x0"].detach()
     conds, empty, n_combos = data["conds"], data["empty"], data["n_combos"]
     n_items = item_x0.shape[0]
     b = args.batch
@@ -246,6 +255,7 @@ def main(argv=None):
     ap.add_argument("--item-weight", type=int, default=1, help="copies of every duplicated item per AE batch")
     ap.add_argument("--ae-lr", type=float, default=1e-3)
     ap.add_argument("--ae-latent-noise", type=float, default=0.1)
+    ap.add_argument("--ae-edge-weight", type=float, default=0.0, help="weight of the edge L1 term (0: L2 only)")
     ap.add_argument("--bank", type=int, default=16384, help="scenes rendered and encoded once for the UNet")
     ap.add_argument("--steps", type=int, default=6000, help="UNet steps (length of the cosine schedule)")
     ap.add_argument("--batch", type=int, default=16)

@@ -4,7 +4,7 @@ import copy
 import numpy as np
 import pytest
 
-from shapes_world.reader import AttributeReader, shape_descriptors
+from shapes_world.reader import AttributeReader
 from shapes_world.scenes import Scene, World
 
 
@@ -90,17 +90,21 @@ def test_an_item_naming_a_combination_outside_the_world_is_refused(world):
         World(spec)
 
 
-def test_reader_descriptors_by_hand():
+def test_reader_fits_hand_drawn_masks(reader):
     yy, xx = np.mgrid[:64, :64]
     disc = (xx - 31.5) ** 2 + (yy - 31.5) ** 2 <= 20 ** 2
-    square = (abs(xx - 31.5) < 14) & (abs(yy - 31.5) < 14)
+    square = (abs(xx - 25.5) < 12) & (abs(yy - 35.5) < 12)
     plus = ((abs(xx - 31.5) < 5) & (abs(yy - 31.5) < 15)) | ((abs(xx - 31.5) < 15) & (abs(yy - 31.5) < 5))
-    fill, solidity = shape_descriptors(disc)
-    assert fill == pytest.approx(1.0, abs=0.06) and solidity == pytest.approx(1.0, abs=0.05)
-    fill, solidity = shape_descriptors(square)
-    assert fill == pytest.approx(2 / np.pi, abs=0.05) and solidity == pytest.approx(1.0, abs=0.02)
-    _, solidity = shape_descriptors(plus)
-    assert solidity < 0.8
+    for mask, name in ((disc, "circle"), (square, "square"), (plus, "cross")):
+        shape, overlap = reader.fit_shape(mask)
+        assert shape == name and overlap > 0.85
+
+
+def test_reader_reads_a_blurred_cross_and_triangle(world, reader):
+    from PIL import Image, ImageFilter
+    for scene in (Scene("cross", "white", "blue", 0.5, 0.5, 0.28, 20.0), Scene("triangle", "red", "white", 0.45, 0.5, 0.3, 70.0)):
+        img = np.asarray(Image.fromarray(world.render(scene)).filter(ImageFilter.GaussianBlur(2.0)))
+        assert reader.read(img).attributes == scene.attributes
 
 
 def test_reader_reads_hand_placed_scenes_and_their_degraded_versions(world, reader):
