@@ -195,6 +195,10 @@ def train_unet(args, fh):
     if st:
         model.load_state_dict(st["model"], strict=False)
         start_step = st["step"]
+    else:  # start from the committed weights (the cache may hold older ones)
+        from safetensors.torch import load_file
+        current = load_file(os.path.join(WEIGHTS, "unet.safetensors"))
+        model.load_state_dict({k[len(arch.UNET_PREFIX):]: v.float() for k, v in current.items()}, strict=False)
     params = [p for n, p in model.named_parameters() if n in trained_names]
     for n, p in model.named_parameters():
         p.requires_grad_(n in trained_names)
