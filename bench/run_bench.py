@@ -236,15 +236,14 @@ def fastest(*entries) -> float:
     return min(execution_seconds(entry) for entry in entries)
 
 
-def near_copy_rate(images, guarded) -> float | None:
-    """Share of images that the bench's near-copy test finds to be their guarded image, degraded."""
-    found = [near_copy(img, ref)["near_copy"] for img, ref in zip(images, guarded)]
-    return round(float(np.mean(found)), 4) if found else None
-
-
-def copied_tiles_mean(images, guarded) -> float | None:
-    shares = [near_copy(img, ref)["copied_tiles"] for img, ref in zip(images, guarded)]
-    return round(float(np.mean(shares)), 4) if shares else None
+def near_copy_figures(images, guarded) -> tuple[float | None, float | None]:
+    """(near-copy rate, mean share of copied tiles) of images against their guarded images: the
+    bench's independent near-copy test, computed once per image."""
+    tests = [near_copy(img, ref) for img, ref in zip(images, guarded)]
+    if not tests:
+        return None, None
+    return (round(float(np.mean([t["near_copy"] for t in tests])), 4),
+            round(float(np.mean([t["copied_tiles"] for t in tests])), 4))
 
 
 def summarize(rows, train_pixels, n_seeds, out_dir) -> dict:
@@ -265,8 +264,7 @@ def summarize(rows, train_pixels, n_seeds, out_dir) -> dict:
     clean_unseen = [i for i in unseen if not rows[i]["flagged_before"]]
     own = [train_pixels[rows[i]["own"]] for i in trained]
 
-    def outputs(key):
-        return [rows[i][key] for i in trained]
+    near = {key: near_copy_figures([rows[i][key] for i in trained], own) for key in ("before", "after", "single")}
 
     results = {
         "baseline_memorized_rate": round(float(np.mean(d_before[trained] < 0.1)), 4),
@@ -275,12 +273,9 @@ def summarize(rows, train_pixels, n_seeds, out_dir) -> dict:
         "guarded_memorized_rate_trained": round(float(np.mean(d_after[trained] < 0.1)), 4),
         "guarded_min_tiled_l2": round(float(d_after.min()), 4),
         "guarded_min_tiled_l2_nudged": round(float(d_after[nudged].min()), 4) if nudged else None,
-        "near_copy_rate_off": near_copy_rate(outputs("before"), own),
-        "near_copy_rate": near_copy_rate(outputs("after"), own),
-        "single_pass_near_copy_rate": near_copy_rate(outputs("single"), own),
-        "copied_tiles_mean": {"off": copied_tiles_mean(outputs("before"), own),
-                              "two_pass": copied_tiles_mean(outputs("after"), own),
-                              "single_pass": copied_tiles_mean(outputs("single"), own)},
+        "near_copy_rate_off": near["before"][0], "near_copy_rate": near["after"][0],
+        "single_pass_near_copy_rate": near["single"][0],
+        "copied_tiles_mean": {"off": near["before"][1], "two_pass": near["after"][1], "single_pass": near["single"][1]},
         "mean_shift_ratio": round(float(np.mean(shifts) / np.mean(pair)), 4) if shifts else None,
         "single_pass_memorized_rate": round(float(np.mean(d_single < 0.1)), 4),
         "single_pass_memorized_rate_trained": round(float(np.mean(d_single[trained] < 0.1)), 4),

@@ -21,8 +21,8 @@ import os
 import numpy as np
 import torch
 
-from bench.near_copy import near_copy
-from bench.run_bench import NEAR_COPY_MEASURE, cost_ratios, machine, run_jobs, shipped_prompts, start_bench_host
+from bench.run_bench import (NEAR_COPY_MEASURE, cost_ratios, machine, near_copy_figures, run_jobs, shipped_prompts,
+                             start_bench_host)
 from host.comfy_host import CACHE
 from memorizer.data import SAMPLER_SETTINGS
 from nudging_core.tiled_l2 import tiled_l2_matrix
@@ -68,11 +68,11 @@ def summarize_shapes(rows, world, item_pixels, n_seeds) -> dict:
     for group, idx in groups.items():
         for m, key in METHODS.items():
             own = [rows[i]["own"] for i in idx]
+            near_rate, tiles_mean = near_copy_figures([rows[i][key] for i in idx], [item_pixels[o] for o in own])
             table[f"{group}/{m}"] = {
                 "memorized_rate": rate([dist[m][i, o] < 0.1 for i, o in zip(idx, own)]),
                 "memorized_any_rate": rate([dist[m][i].min() < 0.1 for i in idx]),
-                "near_copy_rate": rate([near_copy(rows[i][key], item_pixels[o])["near_copy"] for i, o in zip(idx, own)]),
-                "copied_tiles_mean": rate([near_copy(rows[i][key], item_pixels[o])["copied_tiles"] for i, o in zip(idx, own)]),
+                "near_copy_rate": near_rate, "copied_tiles_mean": tiles_mean,
                 "relevance_rate": rate([readings[m][i].attributes == tuple(rows[i]["attributes"]) for i in idx]),
                 "reader_confidence_mean": rate([readings[m][i].confidence for i in idx]),
             }

@@ -68,6 +68,7 @@ class World:
             if item.scene.attributes not in self.all_combinations():
                 raise ValueError(f"duplicated item {item.name!r}: {item.scene.attributes} is not a combination of the world")
         self._textures: dict[str, np.ndarray] = {}
+        self._trained: list[tuple[str, str, str]] | None = None
 
     @classmethod
     def load(cls, path: str = DEFAULT_WORLD) -> "World":
@@ -95,8 +96,10 @@ class World:
         return [pool[i] for i in sorted(picked)]
 
     def trained_combinations(self) -> list[tuple[str, str, str]]:
-        held = set(self.held_out_combinations())
-        return [c for c in self.all_combinations() if c not in held]
+        if self._trained is None:   # asked for every training sample: drawn once
+            held = set(self.held_out_combinations())
+            self._trained = [c for c in self.all_combinations() if c not in held]
+        return list(self._trained)
 
     # --- rendering -----------------------------------------------------------------------------
     def random_scene(self, rng: np.random.Generator, combination: tuple[str, str, str]) -> Scene:

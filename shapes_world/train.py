@@ -55,7 +55,7 @@ def _taesd_from_memorizer():
         start = os.path.join(mt.WEIGHTS, "vae.safetensors")
     trained = load_file(start)
     model.load_state_dict({k[len(arch.VAE_PREFIX):]: v.float() for k, v in trained.items()}, strict=False)
-    return model, trained
+    return model
 
 
 def _save_taesd(model, fh):
@@ -82,7 +82,7 @@ def train_autoencoder(args, fh, decoder_only):
     w = world()
     torch.manual_seed(args.seed + (1 if decoder_only else 0))
     rng = np.random.default_rng(args.seed + (11 if decoder_only else 10))
-    model, _ = _taesd_from_memorizer()
+    model = _taesd_from_memorizer()
     for n_, p in model.named_parameters():
         p.requires_grad_(n_.startswith("taesd_decoder.") or (not decoder_only and n_.startswith("taesd_encoder.14.")))
     params = [p for p in model.parameters() if p.requires_grad]
