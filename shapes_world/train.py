@@ -136,13 +136,21 @@ def encoder_fingerprint():
     return h.hexdigest()
 
 
+def world_fingerprint():
+    """Hash of the world file: a bank rendered from another world is stale."""
+    import hashlib
+    from shapes_world.scenes import DEFAULT_WORLD
+    with open(DEFAULT_WORLD, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def prepare_unet_data(args, fh):
     """Conditionings of every caption and the x0 latents of the scene bank and the items (cached)."""
     from memorizer import arch
     from memorizer.build_checkpoint import assemble_state_dict
     w = world()
     cache = os.path.join(WORK, "unet_data.pt")
-    encoder = encoder_fingerprint()
+    encoder = encoder_fingerprint() + ":" + world_fingerprint()
     if os.path.isfile(cache):
         d = torch.load(cache, weights_only=True)  # our own cache: tensors and plain values only
         if d.get("encoder") == encoder and d.get("bank") == args.bank:
