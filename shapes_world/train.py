@@ -136,12 +136,11 @@ def encoder_fingerprint():
     return h.hexdigest()
 
 
-def world_fingerprint():
-    """Hash of the world file: a bank rendered from another world is stale."""
+def world_fingerprint(w):
+    """Hash of the world's spec: a bank rendered from another world is stale."""
     import hashlib
-    from shapes_world.scenes import DEFAULT_WORLD
-    with open(DEFAULT_WORLD, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    import json
+    return hashlib.sha256(json.dumps(w.spec, sort_keys=True).encode()).hexdigest()
 
 
 def prepare_unet_data(args, fh):
@@ -150,10 +149,10 @@ def prepare_unet_data(args, fh):
     from memorizer.build_checkpoint import assemble_state_dict
     w = world()
     cache = os.path.join(WORK, "unet_data.pt")
-    encoder = encoder_fingerprint() + ":" + world_fingerprint()
+    bank_key = encoder_fingerprint() + ":" + world_fingerprint(w)
     if os.path.isfile(cache):
         d = torch.load(cache, weights_only=True)  # our own cache: tensors and plain values only
-        if d.get("encoder") == encoder and d.get("bank") == args.bank:
+        if d.get("bank_key") == bank_key and d.get("bank") == args.bank:
             return d
     if not os.path.isfile(os.path.join(WEIGHTS, "unet.safetensors")):
         shutil.copyfile(os.path.join(mt.WEIGHTS, "unet.safetensors"), os.path.join(WEIGHTS, "unet.safetensors"))
@@ -179,7 +178,7 @@ def prepare_unet_data(args, fh):
         len(x0), time.time() - t0, x0.mean().item(), x0.std().item()), fh)
     conds = torch.cat([mt.encode_caption(clip, c) for c in captions])
     d = {"x0": x0, "combo": torch.cat(bank_combo), "item_x0": item_x0, "conds": conds,
-         "empty": mt.encode_caption(clip, ""), "n_combos": len(combos), "bank": args.bank, "encoder": encoder,
+         "empty": mt.encode_caption(clip, ""), "n_combos": len(combos), "bank": args.bank, "bank_key": bank_key,
          "sigmas": model.model.model_sampling.sigmas.float().clone(),
          "frozen": {k: v.detach() for k, v in sd.items() if k.startswith(arch.UNET_PREFIX)}}
     torch.save(d, cache)
