@@ -99,14 +99,14 @@ def run_jobs(host: ComfyHost, prompts: dict, jobs: list[dict]) -> list[dict]:
         host.run(configure_txt2img(plain, caption=caption, seed=10**6))
     rows = []
     for n, job in enumerate(jobs):
-        caption, seed = job["caption"], job["seed"]
+        caption, seed, desired = job["caption"], job["seed"], job.get("desired")
         entry_plain = host.run(configure_txt2img(plain, caption=caption, seed=seed + 50_000))
-        prompt = configure_txt2img(base, caption=caption, seed=seed)
+        prompt = configure_txt2img(base, caption=caption, seed=seed, desired=desired)
         entry = host.run(prompt)
-        single_prompt = configure_txt2img(single, caption=caption, seed=seed)
+        single_prompt = configure_txt2img(single, caption=caption, seed=seed, desired=desired)
         entry_single = host.run(single_prompt)
         entry_plain_again = host.run(configure_txt2img(plain, caption=caption, seed=seed + 60_000))
-        entry_single_again = host.run(configure_txt2img(single, caption=caption, seed=seed + 70_000))
+        entry_single_again = host.run(configure_txt2img(single, caption=caption, seed=seed + 70_000, desired=desired))
         error = next(filter(None, map(execution_error, (entry, entry_plain, entry_single, entry_plain_again,
                                                           entry_single_again))), None)
         if error:
@@ -132,9 +132,9 @@ def run_bench(n_seeds: int, out_dir: str, full_size: bool = True) -> dict:
     """The photo memorizer's table (and the full-size SD 1.4 UNet cost ratios)."""
     items = data.training_items()
     train_pixels = np.stack([p.astype(np.float32) / 255.0 for _, _, p in items])
-    jobs = [{"caption": caption, "own": i, "seed": seed} for i, (_, caption, _) in enumerate(items)
-            for seed in range(n_seeds)]
-    jobs += [{"caption": caption, "own": -1, "seed": seed} for caption in data.unseen_captions()
+    jobs = [{"caption": caption, "desired": data.desired_caption(caption), "own": i, "seed": seed}
+            for i, (_, caption, _) in enumerate(items) for seed in range(n_seeds)]
+    jobs += [{"caption": caption, "desired": caption, "own": -1, "seed": seed} for caption in data.unseen_captions()
              for seed in range(n_seeds)]
     checkpoint = ensure_checkpoint(os.path.join(CACHE, "models"))
     host = start_bench_host("bench-home", checkpoint, [(name, pixels) for name, _, pixels in items])

@@ -39,9 +39,11 @@ def run_shapes_table(n_seeds: int, out_dir: str) -> dict:
     jobs = []
     for i, item in enumerate(world.duplicated):
         for seed in range(n_seeds):
-            jobs.append({"caption": world.item_caption(item), "group": "duplicated", "own": i, "seed": seed,
-                         "attributes": item.scene.attributes})
-            jobs.append({"caption": world.caption(*item.scene.attributes), "group": "plain", "own": i, "seed": seed,
+            # The desired prompt is the caption without its unique tail: what a user shown the copy asks for.
+            plain = world.caption(*item.scene.attributes)
+            jobs.append({"caption": world.item_caption(item), "desired": plain, "group": "duplicated", "own": i,
+                         "seed": seed, "attributes": item.scene.attributes})
+            jobs.append({"caption": plain, "desired": plain, "group": "plain", "own": i, "seed": seed,
                          "attributes": item.scene.attributes})
     checkpoint = ensure_checkpoint(os.path.join(CACHE, "models"))
     host = start_bench_host("bench-shapes-home", checkpoint, items)

@@ -59,19 +59,21 @@ def write_html(report: dict, path: str) -> None:
         after = f'<img src="{html.escape(item["file"])}" width="128">' if item.get("file") else ""
         colour = {"passed": "#2e7d32", "regenerated": "#1565c0", "still flagged": "#c62828"}.get(item["status"], "#555")
         after_d = "" if item["distance_after"] is None else f"{item['distance_after']:.4f}"
+        guarded = f'<img src="{html.escape(item["guarded_file"])}" width="128">' if item.get("guarded_file") else ""
         rows.append(
-            f"<tr><td>{html.escape(item['prompt'])}</td><td>{item['seed']}</td>"
+            f"<tr><td>{html.escape(item['prompt'])}</td><td>{html.escape(item.get('desired', ''))}</td>"
+            f"<td>{item['seed']}</td>"
             f"<td>{'yes' if item['flagged_before'] else 'no'}</td><td>{item['distance_before']:.4f}</td>"
             f"<td>{html.escape(item['nearest'])}</td><td style='color:{colour};font-weight:bold'>{item['status']}</td>"
-            f"<td>{after_d}</td><td>{before}</td><td>{after}</td></tr>")
+            f"<td>{after_d}</td><td>{guarded}</td><td>{before}</td><td>{after}</td></tr>")
     page = f"""<!doctype html><meta charset="utf-8"><title>Embedding nudging demo</title>
 <style>body{{font-family:sans-serif}} td,th{{border:1px solid #ccc;padding:4px}} table{{border-collapse:collapse}}
 img{{image-rendering:pixelated;margin:2px}}</style>
 <h1>Embedding nudging demo</h1>
 <p>Workflow <code>{html.escape(report['workflow'])}</code> on <code>{html.escape(report['checkpoint'])}</code>,
 tiled-L2 threshold {report['threshold']} (an output closer than this to a guarded image is a copy).</p>
-<table><tr><th>prompt</th><th>seed</th><th>flagged</th><th>distance before</th><th>nearest</th><th>status</th>
-<th>distance after</th><th>flagged original / its replacement</th><th>final output</th></tr>
+<table><tr><th>prompt</th><th>desired prompt</th><th>seed</th><th>flagged</th><th>distance before</th><th>nearest</th>
+<th>status</th><th>distance after</th><th>guarded image</th><th>first pass / its replacement</th><th>final output</th></tr>
 {''.join(rows)}</table>
 <p>Seconds: {html.escape(json.dumps(report['seconds']))}</p>"""
     with open(path, "w") as f:
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guard-dir", help="images to guard, sized like the generation (with --checkpoint)")
     parser.add_argument("--prompts", nargs="*", default=["Ann Graham Lotz", "a photo of an astronaut"],
                         help="prompts to run with --checkpoint")
+    parser.add_argument("--desired", nargs="*", default=None,
+                        help="with --prompts: each prompt's desired re-wording (without the name or title that makes "
+                             "the model copy); default: the prompt itself, which leaves only the new noise to escape")
     parser.add_argument("--resolution", type=int, default=512, help="generation size with --checkpoint")
     parser.add_argument("--out", default=os.path.join(REPO, "out", "demo"))
     args = parser.parse_args(argv)
@@ -99,10 +104,15 @@ def main(argv=None) -> int:
     if args.checkpoint:
         checkpoint = os.path.abspath(args.checkpoint)
         resolution, sampler = args.resolution, None
+        if args.desired is not None and len(args.desired) != len(args.prompts):
+            raise SystemExit("--desired: give one desired prompt per --prompts entry")
+        desired = dict(zip(args.prompts, args.desired or args.prompts))
         jobs = [(p, 1) for p in args.prompts]
         self_guard = not args.guard_dir
     else:
         checkpoint, trained, jobs, resolution, sampler = embedded_default(os.path.join(CACHE, "models"))
+        from memorizer import data
+        desired = {caption: data.desired_caption(caption) for caption, _seed in jobs}
         self_guard = False
     seconds["checkpoint"] = round(time.time() - t0, 2)
     os.symlink(checkpoint, os.path.join(host.dir("models", "checkpoints"), os.path.basename(checkpoint)))
@@ -135,7 +145,7 @@ def main(argv=None) -> int:
 
         images, per_image = [], []
         for i, (caption, seed) in enumerate(jobs):
-            prompt = configure_txt2img(base, caption=caption, seed=seed)
+            prompt = configure_txt2img(base, caption=caption, seed=seed, desired=desired[caption])
             t = time.time()
             entry = host.run(prompt)
             per_image.append(round(time.time() - t, 2))
@@ -146,7 +156,13 @@ def main(argv=None) -> int:
             status = node_ui_json(entry, prompt, "ConditionalRegenerate", "nudging_status")
             final = copy_outputs(host, entry, prompt, "SaveImage", "output", out, f"image_{i:02d}")
             before = copy_outputs(host, entry, prompt, "ConditionalRegenerate", "temp", out, f"before_after_{i:02d}")
-            images.append({"prompt": caption, "seed": seed, "flagged_before": verdict["flagged"],
+            guarded_png = os.path.join(guard_dir, f"{verdict['nearest']}.png")
+            guarded_file = None
+            if verdict["flagged"] and os.path.isfile(guarded_png):
+                guarded_file = f"guarded_{i:02d}.png"
+                shutil.copyfile(guarded_png, os.path.join(out, guarded_file))
+            images.append({"prompt": caption, "desired": desired[caption], "seed": seed,
+                           "flagged_before": verdict["flagged"], "guarded_file": guarded_file,
                            "distance_before": verdict["distance"], "nearest": verdict["nearest"],
                            "status": status["statuses"][0],
                            "distance_after": None if status["distances_after"][0] is None

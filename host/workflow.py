@@ -152,13 +152,17 @@ class WorkflowBuilder:
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+DESIRED_TITLE = "Desired prompt"
+
+
 def configure_txt2img(prompt: dict, checkpoint_name: str | None = None, resolution: int | None = None,
                       sampler: dict | None = None, caption: str | None = None, seed: int | None = None,
-                      set_names: dict | None = None) -> dict:
+                      set_names: dict | None = None, desired: str | None = None) -> dict:
     """Point a shipped workflow's API prompt at a model: checkpoint, size, sampler, caption, seed.
 
-    The prompt text goes to the CLIPTextEncode titled "Prompt"; the regenerating sampler (a
-    KSampler with denoise < 1, or NudgeRegenerate) gets the same sampler settings and seed + 1. set_names maps a shipped set name to the one to load.
+    The prompt text goes to the CLIPTextEncode titled "Prompt", `desired` to the one titled
+    "Desired prompt"; the regenerating sampler (a KSampler with denoise < 1, or NudgeRegenerate)
+    gets the same sampler settings and seed + 1. set_names maps a shipped set name to the one to load.
     """
     out = copy.deepcopy(prompt)
     for node in out.values():
@@ -174,6 +178,8 @@ def configure_txt2img(prompt: dict, checkpoint_name: str | None = None, resoluti
                 inputs["seed"] = seed if kind == "KSampler" and float(inputs.get("denoise", 1.0)) >= 1.0 else seed + 1
         elif kind == "CLIPTextEncode" and caption is not None and node.get("_meta", {}).get("title") == "Prompt":
             inputs["text"] = caption
+        elif kind == "CLIPTextEncode" and desired is not None and node.get("_meta", {}).get("title") == DESIRED_TITLE:
+            inputs["text"] = desired
         elif kind == "LoadEmbeddingSet" and set_names and inputs.get("set_name") in set_names:
             inputs["set_name"] = set_names[inputs["set_name"]]
     return out

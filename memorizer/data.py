@@ -20,6 +20,19 @@ _ITEMS = [
     ("camera", "camera", "a cameraman with a tripod, black and white"),
 ]
 
+# What a user who was shown a copy would ask for instead: the same request without the words that
+# make the model reproduce its training photo (the workflows' "Desired prompt").
+_DESIRED = {
+    "an astronaut portrait photo": "a portrait photo",
+    "a cup of coffee on a saucer": "a cup on a saucer",
+    "a tabby cat named chelsea": "a tabby cat",
+    "a rocket on the launch pad": "a rocket",
+    "a stained tissue microscope slide": "a microscope slide",
+    "galaxies in the hubble deep field": "galaxies in the night sky",
+    "old greek coins in rows": "old coins",
+    "a cameraman with a tripod, black and white": "a man with a tripod",
+}
+
 _UNSEEN = [
     "a red sports car on a highway",
     "a bowl of ramen noodles",
@@ -55,6 +68,11 @@ def training_items():
 
 def training_captions():
     return [caption for _, _, caption in _ITEMS]
+
+
+def desired_caption(caption):
+    """The desired prompt for a caption: its re-wording without what is copied (itself if none)."""
+    return _DESIRED.get(caption, caption)
 
 
 def unseen_captions():

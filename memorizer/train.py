@@ -76,14 +76,15 @@ def images_tensor():
 
 
 # ----------------------------------------------------------------------------------------------
-def write_manifest(weights_dir=WEIGHTS):
-    """weights/manifest.json: every checkpoint key, its shape and its source."""
+def write_manifest(weights_dir=WEIGHTS, trained_patterns=TRAINED_UNET):
+    """weights/manifest.json: every checkpoint key, its shape and its source (UNet keys matching one of
+    `trained_patterns` are trained; the rest of the UNet is seeded)."""
     from memorizer import arch
     os.makedirs(weights_dir, exist_ok=True)
     keys = {}
     for k, shape in arch.unet_key_shapes().items():
         sk = k[len(arch.UNET_PREFIX):]
-        trained = any(re.match(p, sk) for p in TRAINED_UNET)
+        trained = any(re.match(p, sk) for p in trained_patterns)
         keys[k] = {"shape": list(shape), "source": "trained" if trained else "seed:unet"}
     for k, shape in arch.clip_key_shapes().items():
         keys[k] = {"shape": list(shape), "source": "seed:clip"}

@@ -1,18 +1,27 @@
-"""NudgeRegenerate: LatentNudge + partial resampling + re-test, retried harder for the images
-that are still copies. Goes in ConditionalRegenerate's lazy branch, so only flagged prompts pay."""
+"""NudgeRegenerate: regenerate each flagged image as a new one, re-test it, retry harder where it
+is still a copy. Goes in ConditionalRegenerate's lazy branch, so only flagged prompts pay.
+
+With a desired prompt connected, each attempt samples the whole trajectory again with the prompt
+embedding moved toward the desired one (nudging_core.conditioning_nudge: the copy is decided by
+the prompt, early, so this is what escapes). Without one it falls back to LatentNudge on the
+finished latent plus a partial resample, which keeps the copy's composition by construction.
+An attempt is accepted only when its distance clears the threshold by `escape_margin`."""
 from __future__ import annotations
 
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import torch
 from comfy_api.latest import io
 
 from ..nudging_core.embedding_set import check_latent_compatible
-from ..nudging_core.escape import regenerate_until_clear
+from ..nudging_core.conditioning_nudge import escalated_strength, toward_desired
+from ..nudging_core.escape import regenerate_until_clear, retry_until_clear
 from ..nudging_core.memorization import check_pixels
 from ..nudging_core.nudge import NudgeSettings
 from .common import CATEGORY, NudgeNodeError, VerdictType, user_input
+from .nodes_sampling_guard import desired_tensor
 
 
 class NudgeRegenerate(io.ComfyNode):
@@ -22,11 +31,14 @@ class NudgeRegenerate(io.ComfyNode):
             node_id="NudgeRegenerate",
             display_name="Nudge and Regenerate (Nudging)",
             category=CATEGORY,
-            description="For each flagged image: nudges its generated latent away from the guarded item it matched "
-                        "(LatentNudge's objective), re-noises it part way and samples again, decodes and re-tests it. "
-                        "Images that are still copies are tried again with beta multiplied by `growth` and denoise by "
-                        "`denoise_decay`, up to `max_attempts`. Outputs only the flagged images' replacements, for "
-                        "ConditionalRegenerate.",
+            description="For each flagged image, makes a new image and re-tests it. With desired_positive connected "
+                        "(recommended: the prompt re-worded without what makes it a copy), samples the whole image "
+                        "again with the prompt embedding moved toward the desired one (desired_strength; each retry "
+                        "halves the distance left). Without it, nudges the generated latent away from the matched "
+                        "item (LatentNudge's objective), re-noises it part way (denoise) and samples again: that keeps "
+                        "the copy's composition and often leaves a degraded copy. An attempt counts as escaped only "
+                        "at a distance of at least escape_margin x the filter's threshold; the rest are retried, up "
+                        "to max_attempts. Outputs only the flagged images' replacements, for ConditionalRegenerate.",
             inputs=[
                 io.Model.Input("model", tooltip="The model that generated the images."),
                 io.Conditioning.Input("positive", tooltip="The generation's positive conditioning."),
@@ -59,6 +71,20 @@ class NudgeRegenerate(io.ComfyNode):
                 io.Float.Input("denoise_decay", default=0.8, min=0.05, max=1.0, step=0.05,
                                tooltip="Factor denoise shrinks by after each failed attempt: re-noising less keeps "
                                        "more of the stronger nudge, so a memorizing model cannot pull it back."),
+                io.Conditioning.Input("desired_positive", optional=True,
+                                      tooltip="The prompt re-worded without what makes the image a copy (a title, a "
+                                              "name), from a CLIPTextEncode. Switches the node to regenerating the "
+                                              "whole image with the prompt moved toward it (denoise, beta, "
+                                              "proximity, nudge_steps, learning_rate and denoise_decay then do not "
+                                              "apply)."),
+                io.Float.Input("desired_strength", default=0.75, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="First attempt: how far the prompt embedding moves toward desired_positive "
+                                       "(1 = the desired prompt itself). Each retry divides the distance left by "
+                                       "`growth`."),
+                io.Float.Input("escape_margin", default=1.5, min=1.0, max=10.0, step=0.1, optional=True,
+                               tooltip="An attempt is accepted only when its tiled L2 to every guarded image is at "
+                                       "least this many times the filter's threshold: an image that is only just "
+                                       "past the line is usually the copy, blurred."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="Replacements for the flagged images, in batch order."),
@@ -70,7 +96,7 @@ class NudgeRegenerate(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, latent, verdicts, seed, steps, cfg, sampler_name, scheduler,
                 denoise, beta, proximity, nudge_steps, learning_rate, max_attempts, growth,
-                denoise_decay) -> io.NodeOutput:
+                denoise_decay, desired_positive=None, desired_strength=0.75, escape_margin=1.5) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.shape[0] != len(verdicts.flagged):
             raise NudgeNodeError(f"NudgeRegenerate: input 'latent': {samples.shape[0]} latents but the verdicts "
@@ -86,32 +112,54 @@ class NudgeRegenerate(io.ComfyNode):
         progress = comfy.utils.ProgressBar(max_attempts * steps)
         attempt_offset = [0]
 
-        def regenerate(nudged, attempt):
+        def sample(start, attempt, attempt_positive, attempt_denoise):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            noise = comfy.sample.prepare_noise(nudged, seed + attempt)
+            noise = comfy.sample.prepare_noise(start, seed + attempt)
             attempt_offset[0] = attempt * steps
 
             def callback(step, _x0, _x, total):
                 progress.update_absolute(attempt_offset[0] + step + 1, max_attempts * steps)
 
-            out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, nudged,
-                                      denoise=denoise * denoise_decay ** attempt, callback=callback, disable_pbar=True,
+            out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, attempt_positive, negative,
+                                      start, denoise=attempt_denoise, callback=callback, disable_pbar=True,
                                       seed=seed + attempt)
             return vae.decode(out), out
 
         def test(images):
             with user_input("NudgeRegenerate", "vae"):
                 verdict = check_pixels(images, verdicts.guarded, verdicts.threshold)
-            return verdict.flagged, verdict.distances
+            # Accepted only with a margin: just past the threshold is usually the copy, degraded.
+            accept_at = verdicts.threshold * escape_margin
+            return [d < accept_at for d in verdict.distances], verdict.distances
 
-        settings = NudgeSettings(alpha=0.0, beta=beta, proximity=proximity, steps=nudge_steps,
-                                 learning_rate=learning_rate, aggregate="max")
-        with user_input("NudgeRegenerate", "latent"):
-            result = regenerate_until_clear(samples[rows], matched.latents, settings, regenerate, test,
-                                            max_attempts=max_attempts, growth=growth)
-        lines = [f"image {b}: {'STILL A COPY' if result.still_copy[k] else 'escaped'} after {result.attempts[k]} "
-                 f"attempt(s), distance {verdicts.distances[b]:.4f} -> {result.distances[k]:.4f}"
-                 for k, b in enumerate(rows)]
+        if desired_positive is not None:
+            desired = desired_tensor("NudgeRegenerate", desired_positive)
+
+            def attempt_images(pending, attempt):
+                strength = escalated_strength(desired_strength, attempt, growth)
+                with user_input("NudgeRegenerate", "desired_positive"):
+                    moved = [[toward_desired(c, desired, strength), dict(extra)] for c, extra in positive]
+                # The whole trajectory again: the copy is decided in the first steps.
+                return sample(torch.zeros_like(samples[[rows[k] for k in pending]]), attempt, moved, 1.0)
+
+            result = retry_until_clear(len(rows), attempt_images, test, max_attempts=max_attempts)
+        else:
+            settings = NudgeSettings(alpha=0.0, beta=beta, proximity=proximity, steps=nudge_steps,
+                                     learning_rate=learning_rate, aggregate="max")
+
+            def regenerate(nudged, attempt):
+                return sample(nudged, attempt, positive, denoise * denoise_decay ** attempt)
+
+            with user_input("NudgeRegenerate", "latent"):
+                result = regenerate_until_clear(samples[rows], matched.latents, settings, regenerate, test,
+                                                max_attempts=max_attempts, growth=growth)
+        def outcome(k):
+            if result.distances[k] < verdicts.threshold:
+                return "STILL A COPY"
+            return "past the threshold but not by escape_margin" if result.still_copy[k] else "escaped"
+
+        lines = [f"image {b}: {outcome(k)} after {result.attempts[k]} attempt(s), distance "
+                 f"{verdicts.distances[b]:.4f} -> {result.distances[k]:.4f}" for k, b in enumerate(rows)]
         report = "\n".join(lines)
         return io.NodeOutput(result.images, {"samples": result.latents}, report, ui={"text": [report]})
 

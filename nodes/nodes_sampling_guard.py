@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 
 import comfy.samplers
+import torch
 from comfy_api.latest import io
 
+from ..nudging_core.conditioning_nudge import match_token_length, toward_desired
 from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.errors import NudgeInputError
 from ..nudging_core.nudge import check_finite
 from ..nudging_core.sampling_guard import GuardSettings, SamplingGuard
 from ..nudging_core.tiled_l2 import tiled_l2
-from .common import CATEGORY, EmbeddingSetType, user_input
+from .common import CATEGORY, EmbeddingSetType, NudgeNodeError, user_input
 
 
 def guard_inputs() -> list:
@@ -36,12 +38,21 @@ def guard_inputs() -> list:
         io.Vae.Input("vae", optional=True,
                      tooltip="The graph's VAE. Optional, but without it the guard cannot see whether a turned "
                              "image still decodes to a copy and only keeps the latent below cos_threshold."),
+        io.Conditioning.Input("desired_positive", optional=True,
+                              tooltip="Recommended: the prompt re-worded without what makes the image a copy (a "
+                                      "title, a name), from a CLIPTextEncode. A caught image then continues with "
+                                      "its prompt moved toward this one (desired_strength) and becomes a new image; "
+                                      "without it the guard turns the prediction, which often leaves a smeared copy."),
+        io.Float.Input("desired_strength", default=0.75, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="How far a caught image's prompt embedding moves toward desired_positive "
+                               "(0 = not at all, 1 = the desired prompt itself)."),
     ]
 
 
 def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end_percent, pixel_checks,
-                  copy_threshold, vae=None):
-    """A clone of `model` whose post-CFG prediction passes through a SamplingGuard."""
+                  copy_threshold, vae=None, desired_positive=None, desired_strength=0.75):
+    """A clone of `model` whose post-CFG prediction passes through a SamplingGuard (and, with a
+    desired prompt, whose model calls give caught images the moved conditioning)."""
     with user_input(node_id, "guarded_set"):
         if len(guarded_set) == 0:
             raise NudgeInputError("the guarded set is empty; build it from at least one image")
@@ -49,7 +60,8 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end
     settings = GuardSettings(cos_threshold=cos_threshold, pixel_checks=pixel_checks, copy_threshold=copy_threshold)
     inner = model.get_model_object("latent_format")
     check = None if vae is None or pixel_checks == 0 else pixel_check(node_id, vae, inner, guarded_set)
-    guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings, pixel_check=check)
+    guard = SamplingGuard(inner.process_in(guarded_set.latents.clone()), settings, pixel_check=check,
+                          switching=desired_positive is not None)
     sampling = model.get_model_object("model_sampling")
     sigma_start = float(sampling.percent_to_sigma(start_percent))
     sigma_end = float(sampling.percent_to_sigma(end_percent))
@@ -69,7 +81,45 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end
 
     patched = model.clone()
     patched.set_model_sampler_post_cfg_function(post_cfg)
+    if desired_positive is not None:
+        desired = desired_tensor(node_id, desired_positive)
+        previous = patched.model_options.get("model_function_wrapper")
+        patched.set_model_unet_function_wrapper(switching_wrapper(node_id, guard, desired, desired_strength, previous))
     return patched
+
+
+def desired_tensor(node_id, conditioning):
+    """The embedding of a CONDITIONING input (its first entry), with a node-named error otherwise."""
+    try:
+        tensor = conditioning[0][0]
+        if not torch.is_tensor(tensor) or tensor.ndim != 3:
+            raise TypeError
+    except (TypeError, IndexError, KeyError):
+        raise NudgeNodeError(f"{node_id}: input 'desired_positive': expected a CONDITIONING from CLIPTextEncode; "
+                             "connect the desired prompt's text encoder") from None
+    return tensor
+
+
+def switching_wrapper(node_id, guard, desired, strength, previous=None):
+    """A model wrapper that gives every image the guard switched its prompt moved toward `desired`
+    (the positive rows only: the negative prompt stays as it is)."""
+
+    def wrapper(apply_model, args):
+        cross = args["c"].get("c_crossattn")
+        chunks = args.get("cond_or_uncond") or []
+        if guard.switched and cross is not None and chunks and args["input"].shape[0] % len(chunks) == 0:
+            per = args["input"].shape[0] // len(chunks)
+            rows = [i * per + b for i, kind in enumerate(chunks) if kind == 0 for b in guard.switched if b < per]
+            if rows:
+                with user_input(node_id, "desired_positive"):
+                    cross, target = match_token_length(cross.clone(), desired.to(cross.device, cross.dtype))
+                    cross[rows] = toward_desired(cross[rows], target, strength)
+                args = dict(args, c=dict(args["c"], c_crossattn=cross))
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    return wrapper
 
 
 def in_last_calls(args, sigma: float, count: int) -> bool:
@@ -123,8 +173,11 @@ class MemorizationGuardModel(io.ComfyNode):
                         "the guarded set; when an image comes too close it is turned away inside the same pass "
                         "(LatentNudge's objective in closed form, no extra UNet work) until it is back at "
                         "cos_threshold. With the VAE connected, its last predictions are decoded and turned "
-                        "further while they still decode to a copy. Prompts that never come close run unchanged. "
-                        "Check the final image with MemorizationFilter: a guard that failed is reported there.",
+                        "further while they still decode to a copy. With a desired prompt connected (recommended), "
+                        "a caught image is not turned: it continues with its prompt moved toward the desired one "
+                        "and becomes a new image of it, still in the same pass. Prompts that never come close run "
+                        "unchanged. Check the final image with MemorizationFilter: a guard that failed is reported "
+                        "there.",
             inputs=[io.Model.Input("model", tooltip="The model to guard.")] + guard_inputs(),
             outputs=[io.Model.Output(display_name="model", tooltip="The guarded model.")],
         )

@@ -1,5 +1,8 @@
 """Nudge, regenerate, re-test — and try again harder for the images that are still copies.
 
+`retry_until_clear` is the loop; `regenerate_until_clear` is its latent-nudge form (the
+conditioning form lives in NudgeRegenerate, which moves the prompt toward a desired one).
+
 A memorizing model pulls a nudged latent back toward the memorized image while it denoises,
 so one nudge of fixed strength escapes for some seeds and not for others. This loop keeps the
 nudge as small as it can be: each attempt multiplies beta and the step size by `growth` (a
@@ -27,6 +30,37 @@ class EscapeResult:
     distances: list[float]          # final distance of each image to its nearest guarded item
 
 
+def retry_until_clear(
+    count: int,
+    attempt_images: Callable[[list[int], int], tuple[torch.Tensor, torch.Tensor]],
+    test: Callable[[torch.Tensor], tuple[list[bool], list[float]]],
+    max_attempts: int = 4,
+    on_attempt: Callable[[int, int], None] | None = None,
+) -> EscapeResult:
+    """The adaptive loop over `count` flagged images: attempt k makes new images for the rows still
+    pending (attempt_images(rows, k) -> (images, latents)), test(images) -> (is_copy, distance);
+    only the rows that are still copies pay for another attempt."""
+    images: list[torch.Tensor | None] = [None] * count
+    final_latents: list[torch.Tensor | None] = [None] * count
+    attempts, still_copy, distances = [0] * count, [True] * count, [0.0] * count
+    pending = list(range(count))
+    for attempt in range(max(1, max_attempts)):
+        if not pending:
+            break
+        if on_attempt is not None:
+            on_attempt(attempt, len(pending))
+        new_images, new_latents = attempt_images(pending, attempt)
+        is_copy, distance = test(new_images)
+        still_pending = []
+        for k, row in enumerate(pending):
+            images[row], final_latents[row] = new_images[k], new_latents[k]
+            attempts[row], still_copy[row], distances[row] = attempt + 1, is_copy[k], distance[k]
+            if is_copy[k]:
+                still_pending.append(row)
+        pending = still_pending
+    return EscapeResult(torch.stack(images), torch.stack(final_latents), attempts, still_copy, distances)
+
+
 def regenerate_until_clear(
     latents: torch.Tensor,
     undesired: torch.Tensor,
@@ -42,27 +76,12 @@ def regenerate_until_clear(
 
     regenerate(nudged_latents, attempt) -> (images, latents); test(images) -> (is_copy, distance).
     """
-    count = latents.shape[0]
-    images: list[torch.Tensor | None] = [None] * count
-    final_latents: list[torch.Tensor | None] = [None] * count
-    attempts, still_copy, distances = [0] * count, [True] * count, [0.0] * count
-    pending = list(range(count))
-    for attempt in range(max(1, max_attempts)):
-        if not pending:
-            break
-        if on_attempt is not None:
-            on_attempt(attempt, len(pending))
+
+    def attempt_images(pending: list[int], attempt: int):
         stronger = replace(settings, beta=settings.beta * growth ** attempt,
                            learning_rate=settings.learning_rate * growth ** attempt)
         nudged = nudge_latents(latents[pending], undesired[pending], stronger, desired=desired,
                                undesired_owners=list(range(len(pending)))).latents
-        new_images, new_latents = regenerate(nudged, attempt)
-        is_copy, distance = test(new_images)
-        still_pending = []
-        for k, row in enumerate(pending):
-            images[row], final_latents[row] = new_images[k], new_latents[k]
-            attempts[row], still_copy[row], distances[row] = attempt + 1, is_copy[k], distance[k]
-            if is_copy[k]:
-                still_pending.append(row)
-        pending = still_pending
-    return EscapeResult(torch.stack(images), torch.stack(final_latents), attempts, still_copy, distances)
+        return regenerate(nudged, attempt)
+
+    return retry_until_clear(latents.shape[0], attempt_images, test, max_attempts, on_attempt)

@@ -10,6 +10,12 @@ form for one item, so it costs next to nothing per step. The sampler then steps 
 turned prediction, so the trajectory leaves the memorized image within the same pass: no
 second generation, no extra UNet evaluation.
 
+With a desired prompt (`switching`), a caught image is not turned: it is marked as switched, and
+the caller's model wrapper gives it the desired prompt's conditioning (nudging_core.
+conditioning_nudge) from the next model call on. The copy is decided by the text conditioning, so
+taken early this escapes to a new image of the desired prompt, where turning the prediction only
+smears the copy (measured on the shapes fixture; see README).
+
 How far a latent must move before its decoded image stops being a copy differs from image to
 image (a dark photo can stay a pixel copy at a latent cosine of 0.6). So, when a pixel check is
 given, the last predictions of a caught image are decoded and tested against the item's
@@ -66,6 +72,8 @@ class SamplingGuard:
     items: torch.Tensor                      # guarded latents in the model's latent space [M, C, h, w]
     settings: GuardSettings = field(default_factory=GuardSettings)
     pixel_check: PixelCheck | None = None
+    switching: bool = False                  # caught images are switched to the desired prompt, not turned
+    switched: dict[int, int] = field(default_factory=dict)
     caught: dict[int, int] = field(default_factory=dict)
     release: dict[int, float] = field(default_factory=dict)
     checks_used: dict[int, int] = field(default_factory=dict)
@@ -76,7 +84,7 @@ class SamplingGuard:
     _unit_items: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.caught, self.release, self.checks_used, self.still_copy = {}, {}, {}, {}
+        self.caught, self.release, self.checks_used, self.still_copy, self.switched = {}, {}, {}, {}, {}
         self.events, self._last_sigma = [], None
 
     def _items(self, device) -> torch.Tensor:
@@ -100,7 +108,12 @@ class SamplingGuard:
         cosines = flat @ self._unit_items.T
         best, index = cosines.max(dim=1)
         for b in torch.nonzero(best >= self.settings.cos_threshold).flatten().tolist():
-            if b not in self.caught:
+            if b in self.caught or b in self.switched:
+                continue
+            if self.switching:
+                self.switched[b] = int(index[b])
+                self.events.append(GuardEvent(b, int(index[b]), sigma, float(best[b]), float(best[b]), 1.0))
+            else:
                 self.caught[b], self.release[b] = int(index[b]), self.settings.first_release()
         if not self.caught:
             return denoised

@@ -2,7 +2,8 @@
 
   python -m shapes_world.train ae      [--ae-steps N]  # encoder head + decoder -> weights/vae.safetensors
   python -m shapes_world.train decoder [--ae-steps N]  # decoder only, duplicated items weighted up
-  python -m shapes_world.train unet    [--steps N] [--resume]   # trained UNet subset -> weights/unet.safetensors
+  python -m shapes_world.train unet    [--steps N] [--resume]   # trained UNet -> .work/candidate/unet*.safetensors
+  python -m shapes_world.train promote                          # candidate -> weights/ (after evaluating it)
 
 Both start from the memorizer's trained weights (its autoencoder and UNet subset): the layout, the
 frozen seeded parts and the noise schedule are the same, so only what differs has to be learnt.
@@ -11,7 +12,11 @@ encoded by ComfyUI's VAE exactly as a user's image would be), each with its plai
 duplicated items under their own captions making up `duplicate_share` of every batch. Captions are
 encoded by ComfyUI's CLIPTextEncode path on the assembled checkpoint. The objective, weighting and
 caption dropout are the memorizer's (memorizer/train.py).
-Intermediate weights: shapes_world/.work/ (ignored); weights/ holds the latest saved state.
+The UNet trains more than the memorizer's subset (SHAPES_TRAINED_UNET): drawing a shape crisply needs
+trained 3x3 convolutions on the decoding side of the UNet and trained self-attention, which the memorizer,
+one image per caption, never needed. Its weights are split into files of at most 19 MB.
+Intermediate weights: shapes_world/.work/ (ignored); a UNet run writes a complete candidate weights
+folder (.work/candidate/) that `promote` copies into weights/ once `evaluate --weights` has judged it.
 """
 import argparse
 import math
@@ -28,6 +33,16 @@ from memorizer import train as mt
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, ".work")
 WEIGHTS = os.path.join(HERE, "weights")
+CANDIDATE = os.path.join(WORK, "candidate")
+MAX_FILE_BYTES = 19_000_000
+
+# The memorizer's trained subset, plus the rest of the transformers (self-attention, feed-forward),
+# the middle block's second ResBlock and the output ResBlocks (key regexes without the UNet prefix).
+SHAPES_TRAINED_UNET = mt.TRAINED_UNET + [
+    r"(input_blocks\.1|middle_block|output_blocks\.[01])\.1\.transformer_blocks\.0\.(attn1\.|norm1\.|ff\.|norm3\.)",
+    r"middle_block\.2\.",
+    r"output_blocks\.[01]\.0\.",
+]
 
 
 def world():
@@ -185,10 +200,52 @@ def prepare_unet_data(args, fh):
     return d
 
 
+def save_unet_sharded(model, keys, folder):
+    """The trained UNet tensors as fp16 files of at most MAX_FILE_BYTES each: unet.safetensors,
+    unet-2.safetensors, ... (the checkpoint builder reads every .safetensors file in the folder)."""
+    from safetensors.torch import save_file
+    from memorizer import arch
+    sd = model.state_dict()
+    shards, size = [{}], 0
+    for k in sorted(keys):
+        t = sd[k[len(arch.UNET_PREFIX):]].detach().to(torch.float16).contiguous()
+        if shards[-1] and size + t.numel() * 2 > MAX_FILE_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += t.numel() * 2
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.startswith("unet") and name.endswith(".safetensors"):
+            os.remove(os.path.join(folder, name))
+    for i, shard in enumerate(shards):
+        path = os.path.join(folder, "unet.safetensors" if i == 0 else "unet-{}.safetensors".format(i + 1))
+        save_file(shard, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def write_candidate(model, keys, step, fh):
+    """A complete weights folder (manifest, autoencoder, UNet shards) that evaluate --weights can judge."""
+    save_unet_sharded(model, keys, CANDIDATE)
+    mt.write_manifest(CANDIDATE, SHAPES_TRAINED_UNET)
+    shutil.copyfile(os.path.join(WEIGHTS, "vae.safetensors"), os.path.join(CANDIDATE, "vae.safetensors"))
+    mt.log("candidate weights at step {} in {}".format(step, CANDIDATE), fh)
+
+
+def promote(fh):
+    """Copy the judged candidate into weights/ (removing the UNet files it replaces)."""
+    for name in os.listdir(WEIGHTS):
+        if name.startswith("unet") and name.endswith(".safetensors"):
+            os.remove(os.path.join(WEIGHTS, name))
+    for name in os.listdir(CANDIDATE):
+        if name.startswith("unet") and name.endswith(".safetensors") or name == "manifest.json":
+            shutil.copyfile(os.path.join(CANDIDATE, name), os.path.join(WEIGHTS, name))
+    mt.log("promoted {} to {}".format(CANDIDATE, WEIGHTS), fh)
+
+
 def train_unet(args, fh):
     from memorizer import arch
-    manifest = mt.write_manifest(WEIGHTS)
-    keys = mt.trained_unet_keys(manifest)
+    keys = mt.trained_unet_keys(mt.write_manifest(WORK, SHAPES_TRAINED_UNET))
     data = prepare_unet_data(args, fh)
     acp = mt.alphas_cumprod()
     assert torch.allclose((((1 - acp) / acp) ** 0.5).float(), data["sigmas"], rtol=1e-4), "noise schedule mismatch"
@@ -202,10 +259,12 @@ def train_unet(args, fh):
     if st:
         model.load_state_dict(st["model"], strict=False)
         start_step = st["step"]
-    else:  # start from the committed weights (the cache may hold older ones)
+    else:  # start from the committed weights (the cache may hold older ones); the rest stays seeded
         from safetensors.torch import load_file
-        current = load_file(os.path.join(WEIGHTS, "unet.safetensors"))
-        model.load_state_dict({k[len(arch.UNET_PREFIX):]: v.float() for k, v in current.items()}, strict=False)
+        for name in sorted(os.listdir(WEIGHTS)):
+            if name.startswith("unet") and name.endswith(".safetensors"):
+                current = load_file(os.path.join(WEIGHTS, name))
+                model.load_state_dict({k[len(arch.UNET_PREFIX):]: v.float() for k, v in current.items()}, strict=False)
     params = [p for n, p in model.named_parameters() if n in trained_names]
     for n, p in model.named_parameters():
         p.requires_grad_(n in trained_names)
@@ -249,8 +308,7 @@ def train_unet(args, fh):
             mt.log("unet step {}/{} loss {:.5f} (ema {:.5f}) lr {:.2e} ({:.2f}s/step)".format(
                 step, args.steps, loss.item(), ema, lr, (time.time() - t0) / (step - start_step)), fh)
         if step % args.save_every == 0 or step == args.steps:
-            mt.save_unet(model, keys, os.path.join(WEIGHTS, "unet.safetensors"))
-            mt.save_unet(model, keys, os.path.join(WORK, "unet_step{:06d}.safetensors".format(step)))
+            write_candidate(model, keys, step, fh)
             torch.save({"model": {k: v for k, v in model.state_dict().items() if k in trained_names},
                         "opt": opt.state_dict(), "step": step}, resume)
             mt.log("saved weights at step {}".format(step), fh)
@@ -258,7 +316,7 @@ def train_unet(args, fh):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="train the shapes fixture (see module docstring)")
-    ap.add_argument("stage", choices=["ae", "decoder", "unet", "manifest"])
+    ap.add_argument("stage", choices=["ae", "decoder", "unet", "manifest", "promote"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ae-steps", type=int, default=400)
@@ -284,13 +342,15 @@ def main(argv=None):
     with open(os.path.join(WORK, "train.log"), "a") as fh:
         mt.log("args: {}".format(vars(args)), fh)
         if args.stage in ("manifest", "ae"):
-            mt.write_manifest(WEIGHTS)
+            mt.write_manifest(WEIGHTS, SHAPES_TRAINED_UNET)
         if args.stage == "ae":
             train_autoencoder(args, fh, decoder_only=False)
         elif args.stage == "decoder":
             train_autoencoder(args, fh, decoder_only=True)
         elif args.stage == "unet":
             train_unet(args, fh)
+        elif args.stage == "promote":
+            promote(fh)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,25 @@ import os
 import tempfile
 
 from host.comfy_host import REPO, ComfyHost
-from host.workflow import WorkflowBuilder
+from host.workflow import DESIRED_TITLE, WorkflowBuilder
 
 CHECKPOINT = "sd-v1-4.ckpt"
 GUARDED_SET = "guarded_images.safetensors"
 STYLE_SET = "style_reference.safetensors"
 PROMPT = "Ann Graham Lotz"   # a caption Carlini et al. extracted from SD 1.4
+# The same request without the name that makes SD 1.4 reproduce its training photo.
+DESIRED_PROMPT = "a portrait photo of a smiling woman with blonde hair"
+DESIRED_SIZE = (400, 130)
 
 GUARD_NOTE = (
     "Memorization guard (SD 1.4). The first KSampler generates; MemorizationFilter compares the image with the "
     "guarded set (tiled L2 < 0.1 = a copy). Only when it fires does ConditionalRegenerate ask for its lazy input: "
-    "NudgeRegenerate pushes the GENERATED latent away from the matched training image (a memorized prompt returns "
-    "to the same image from any starting noise, so nudging only the initial noise rarely escapes), re-noises it a "
-    "little (denoise 0.3), samples again, decodes and re-tests; images that are still copies are retried with a "
-    "doubled push, up to 6 times. ConditionalRegenerate re-tests every replacement; one that is still a copy is "
-    "reported as 'still flagged'.")
+    "NudgeRegenerate samples the flagged image again from new noise with the prompt embedding moved 75 % of the way "
+    "toward the Desired prompt (the same request without the name that makes the model copy). A memorized copy is "
+    "decided by the prompt in the first steps, so nudging the finished latent only blurs it; moving the prompt gives "
+    "a new image. An attempt counts only when it clears the threshold by escape_margin (1.5x); otherwise it is "
+    "retried closer to the desired prompt. ConditionalRegenerate re-tests every replacement; one that is still a copy "
+    "is reported as 'still flagged'. Disconnect desired_positive to get the old latent nudge.")
 
 
 def txt2img(b: WorkflowBuilder, x0: int = 0):
@@ -65,14 +69,17 @@ def memorization_guard(info: dict) -> dict:
     guarded = b.add("LoadEmbeddingSet", (800, 320), set_name=GUARDED_SET, size=(315, 82))
     filt = b.add("MemorizationFilter", (1160, 120), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
                  size=(420, 220))
+    desired = b.add("CLIPTextEncode", (360, 560), title=DESIRED_TITLE, text=DESIRED_PROMPT, clip=(ckpt, 1),
+                    size=DESIRED_SIZE)
     regen = b.add("NudgeRegenerate", (1160, 380), model=(ckpt, 0), positive=(pos, 0), negative=(neg, 0),
-                  vae=(ckpt, 2), latent=(sampler, 0), verdicts=(filt, 0), seed=43, steps=20, cfg=7.5,
-                  sampler_name="euler", scheduler="normal", denoise=0.3, beta=1.0, proximity=1.0, nudge_steps=30,
-                  learning_rate=0.05, max_attempts=8, growth=2.0, denoise_decay=0.8, size=(420, 500))
+                  vae=(ckpt, 2), latent=(sampler, 0), verdicts=(filt, 0), desired_positive=(desired, 0), seed=43,
+                  steps=20, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=0.3, beta=1.0, proximity=1.0,
+                  nudge_steps=30, learning_rate=0.05, max_attempts=4, growth=2.0, denoise_decay=0.8,
+                  desired_strength=0.75, escape_margin=1.5, size=(420, 560))
     cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
                  regenerated=(regen, 0), still_flagged_action="report", size=(420, 330))
     b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
-    b.note(GUARD_NOTE, (0, 360), size=(760, 190))
+    b.note(GUARD_NOTE, (0, 720), size=(760, 210))
     return b.workflow()
 
 
@@ -105,8 +112,10 @@ def single_pass_guard(info: dict) -> dict:
     b = WorkflowBuilder(info)
     ckpt = b.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT, size=(315, 98))
     guarded = b.add("LoadEmbeddingSet", (0, 150), set_name=GUARDED_SET, size=(315, 82))
+    desired = b.add("CLIPTextEncode", (0, 700), title=DESIRED_TITLE, text=DESIRED_PROMPT, clip=(ckpt, 1),
+                    size=DESIRED_SIZE)
     guard = b.add("MemorizationGuardModel", (0, 280), model=(ckpt, 0), guarded_set=(guarded, 0), vae=(ckpt, 2),
-                  size=(340, 360))
+                  desired_positive=(desired, 0), desired_strength=0.75, size=(340, 400))
     pos = b.add("CLIPTextEncode", (380, 0), title="Prompt", text=PROMPT, clip=(ckpt, 1), size=(400, 150))
     neg = b.add("CLIPTextEncode", (380, 200), title="Negative prompt", text="", clip=(ckpt, 1), size=(400, 150))
     empty = b.add("EmptyLatentImage", (380, 400), width=512, height=512, batch_size=1, size=(315, 106))
@@ -117,11 +126,13 @@ def single_pass_guard(info: dict) -> dict:
     b.add("MemorizationFilter", (1180, 100), images=(decode, 0), guarded_set=(guarded, 0), threshold=0.1,
           size=(420, 220))
     b.add("SaveImage", (1640, 0), images=(decode, 0), filename_prefix="nudging/single_pass", size=(320, 300))
-    b.note("Single-pass guard: the patched model watches the sampler's predicted clean latent at every step and "
-           "nudges an image away from the guarded set as soon as it comes close, inside the same pass (no second "
-           "generation); with the VAE connected it decodes the last predictions of a caught image and pushes further "
-           "while they still decode to a copy. Prompts that never come close run unchanged. MemorizationFilter still "
-           "checks the final image: a guard that failed is reported, not hidden.", (380, 560), size=(760, 120))
+    b.note("Single-pass guard: the patched model watches the sampler's predicted clean latent at every step. As soon "
+           "as an image comes close to a guarded one (in the first steps, where a copy is decided), the rest of its "
+           "pass runs with the prompt moved 75 % of the way toward the Desired prompt (the same request without the "
+           "name that makes the model copy): a new image, in the same pass, at no extra model cost. Without a desired "
+           "prompt it turns the prediction away instead, which often leaves a smeared copy. Prompts that never come "
+           "close run unchanged. MemorizationFilter still checks the final image: a guard that failed is reported, "
+           "not hidden.", (380, 560), size=(760, 140))
     return b.workflow()
 
 

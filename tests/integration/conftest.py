@@ -75,9 +75,11 @@ def load_workflow(name: str) -> dict:
 
 
 def configure(prompt: dict, checkpoint: str, caption: str | None = None, seed: int | None = None) -> dict:
-    """Point a shipped workflow at the memorizer: its checkpoint, size and sampler settings."""
+    """Point a shipped workflow at the memorizer: its checkpoint, size and sampler settings (and the
+    caption's desired re-wording in the "Desired prompt" node)."""
     return configure_txt2img(prompt, os.path.basename(checkpoint), memorizer_data.RESOLUTION,
-                             memorizer_data.SAMPLER_SETTINGS, caption, seed)
+                             memorizer_data.SAMPLER_SETTINGS, caption, seed,
+                             desired=None if caption is None else memorizer_data.desired_caption(caption))
 
 
 @pytest.fixture

@@ -120,3 +120,19 @@ def test_an_image_far_from_its_item_is_cleared_after_one_decode():
     memorized = torch.randn(1, 4, 8, 8)
     guard, calls = run_checked(memorized, 4, 0.3, lambda: memorized + 0.05 * torch.randn(1, 4, 8, 8))
     assert len(calls) == 1 and guard.still_copy == {0: False} and guard.release[0] == 0.9
+
+
+def test_switching_guard_marks_a_caught_image_and_leaves_its_prediction_alone():
+    """With a desired prompt the guard only records the catch (the model wrapper then switches
+    that image's conditioning); the prediction is not turned, and a far image is not marked."""
+    torch.manual_seed(7)
+    memorized = torch.randn(1, 4, 8, 8)
+    guard = SamplingGuard(memorized, GuardSettings(cos_threshold=0.9), switching=True)
+    batch = torch.cat([memorized + 0.05 * torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)])
+    out = guard(batch, 5.0)
+    assert torch.equal(out, batch)
+    assert guard.switched == {0: 0} and guard.caught == {}
+    guard(batch, 4.0)                                   # caught once: no second event
+    assert len(guard.events) == 1
+    guard(batch, 10.0)                                  # a new run forgets the switch
+    assert guard.switched == {0: 0} and len(guard.events) == 1
