@@ -11,7 +11,7 @@ normal, the bench's steps and cfg, negative prompt "", seeds 0..N-1) for three g
 It also prints the attribute reader's accuracy on the generator's own images (>= 99 %).
 Exit status 0 when every target is met.
 
-  python -m shapes_world.evaluate [--seeds 10] [--unet-weights shapes_world/.work/unet_step002000.safetensors]
+  python -m shapes_world.evaluate [--seeds 10] [--weights shapes_world/.work/candidate]
 """
 import argparse
 import json
@@ -50,6 +50,8 @@ def main(argv=None):
     from memorizer.data import SAMPLER_SETTINGS
     ap = argparse.ArgumentParser(description="targets of the shapes fixture")
     ap.add_argument("--unet-weights", help="evaluate these UNet weights instead of weights/unet.safetensors")
+    ap.add_argument("--weights", help="evaluate this weights folder (e.g. shapes_world/.work/candidate) instead of "
+                                      "weights/")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reader-images", type=int, default=1000)
@@ -77,7 +79,7 @@ def main(argv=None):
     if args.unet_weights:
         from safetensors.torch import load_file
         overrides = load_file(args.unet_weights)
-    sd = assemble_state_dict(WEIGHTS_DIR, overrides=overrides)
+    sd = assemble_state_dict(args.weights or WEIGHTS_DIR, overrides=overrides)
     model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True)
     seeds = list(range(args.seeds))
     s = SAMPLER_SETTINGS

@@ -21,9 +21,11 @@ from host.workflow import configure_txt2img, ui_to_api
 from memorizer import data as memorizer_data
 from memorizer.build_checkpoint import ensure_checkpoint
 from shapes_world import build_checkpoint as shapes_checkpoint_builder
+from shapes_world.scenes import World
 
 GUARDED = "guarded_images.safetensors"
 STYLE = "style_reference.safetensors"
+SHAPES_GUARDED = "shapes_items.safetensors"
 CHECKPOINT_NAME = "nudging-memorizer-sd15.safetensors"
 
 
@@ -59,6 +61,13 @@ def host(tmp_path_factory, checkpoint, shapes_checkpoint):
         Image.fromarray(pixels).save(os.path.join(style_dir, f"{name}.png"))
     subprocess.run([sys.executable, "-m", "tools.build_embedding_set", style_dir, "--checkpoint", checkpoint,
                     "--out", os.path.join(sets_dir, STYLE)], cwd=REPO, check=True)
+    # The shapes fixture's duplicated items, guarded (built with its own checkpoint's VAE).
+    shapes_dir = server.dir("shapes_items")
+    world = World.load()
+    for item in world.duplicated:
+        Image.fromarray(world.item_image(item)).save(os.path.join(shapes_dir, f"{item.name}.png"))
+    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", shapes_dir, "--checkpoint", shapes_checkpoint,
+                    "--out", os.path.join(sets_dir, SHAPES_GUARDED)], cwd=REPO, check=True)
     server.start()
     yield server
     server.stop()
