@@ -153,13 +153,11 @@ class NudgeRegenerate(io.ComfyNode):
             with user_input("NudgeRegenerate", "latent"):
                 result = regenerate_until_clear(samples[rows], matched.latents, settings, regenerate, test,
                                                 max_attempts=max_attempts, growth=growth)
-        def outcome(k):
-            if result.distances[k] < verdicts.threshold:
-                return "STILL A COPY"
-            return "past the threshold but not by escape_margin" if result.still_copy[k] else "escaped"
-
-        lines = [f"image {b}: {outcome(k)} after {result.attempts[k]} attempt(s), distance "
-                 f"{verdicts.distances[b]:.4f} -> {result.distances[k]:.4f}" for k, b in enumerate(rows)]
+        # By the filter's own threshold, as ConditionalRegenerate re-tests it (the margin only decides
+        # whether another attempt is made).
+        lines = [f"image {b}: {'STILL A COPY' if result.distances[k] < verdicts.threshold else 'escaped'} after "
+                 f"{result.attempts[k]} attempt(s), distance {verdicts.distances[b]:.4f} -> {result.distances[k]:.4f}"
+                 for k, b in enumerate(rows)]
         report = "\n".join(lines)
         return io.NodeOutput(result.images, {"samples": result.latents}, report, ui={"text": [report]})
 
