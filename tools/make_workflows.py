@@ -23,8 +23,9 @@ DESIRED_SIZE = (400, 130)
 GUARD_NOTE = (
     "Memorization guard (SD 1.4). The first KSampler generates; MemorizationFilter compares the image with the "
     "guarded set (tiled L2 < 0.1 = a copy). Only when it fires does ConditionalRegenerate ask for its lazy input: "
-    "NudgeRegenerate samples the flagged image again from new noise with the prompt embedding moved 75 % of the way "
-    "toward the Desired prompt (the same request without the name that makes the model copy). A memorized copy is "
+    "NudgeRegenerate re-noises the flagged image most of the way (desired_denoise 0.8) and samples it again with the "
+    "prompt embedding moved 75 % of the way toward the Desired prompt (the same request without the name that makes "
+    "the model copy). A memorized copy is "
     "decided by the prompt in the first steps, so nudging the finished latent only blurs it; moving the prompt gives "
     "a new image. An attempt counts only when it clears the threshold by escape_margin (1.5x); otherwise it is "
     "retried closer to the desired prompt. ConditionalRegenerate re-tests every replacement; one that is still a copy "
@@ -75,7 +76,7 @@ def memorization_guard(info: dict) -> dict:
                   vae=(ckpt, 2), latent=(sampler, 0), verdicts=(filt, 0), desired_positive=(desired, 0), seed=43,
                   steps=20, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=0.3, beta=1.0, proximity=1.0,
                   nudge_steps=30, learning_rate=0.05, max_attempts=4, growth=2.0, denoise_decay=0.8,
-                  desired_strength=0.75, escape_margin=1.5, size=(420, 560))
+                  desired_strength=0.75, desired_denoise=0.8, escape_margin=1.5, size=(420, 590))
     cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
                  regenerated=(regen, 0), still_flagged_action="report", size=(420, 330))
     b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
