@@ -12,9 +12,10 @@ encoded by ComfyUI's VAE exactly as a user's image would be), each with its plai
 duplicated items under their own captions making up `duplicate_share` of every batch. Captions are
 encoded by ComfyUI's CLIPTextEncode path on the assembled checkpoint. The objective, weighting and
 caption dropout are the memorizer's (memorizer/train.py).
-The UNet trains more than the memorizer's subset (SHAPES_TRAINED_UNET): drawing a shape crisply needs
-trained 3x3 convolutions on the decoding side of the UNet and trained self-attention, which the memorizer,
-one image per caption, never needed. Its weights are split into files of at most 19 MB.
+The UNet trains more than the memorizer's subset (SHAPES_TRAINED_UNET): the memorizer, one image per
+caption, has no trained 3x3 convolution on the UNet's output side and random self-attention, and drew this
+world's shapes as blobs; training those too lifted plain captions from 48.7 % to 57.5 % on-attribute.
+Its weights are split into files of at most 19 MB.
 Intermediate weights: shapes_world/.work/ (ignored); a UNet run writes a complete candidate weights
 folder (.work/candidate/) that `promote` copies into weights/ once `evaluate --weights` has judged it.
 """
