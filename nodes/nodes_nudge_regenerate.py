@@ -20,8 +20,7 @@ from ..nudging_core.conditioning_nudge import escalated_strength, toward_desired
 from ..nudging_core.escape import regenerate_until_clear, retry_until_clear
 from ..nudging_core.memorization import check_pixels
 from ..nudging_core.nudge import NudgeSettings
-from .common import CATEGORY, NudgeNodeError, VerdictType, user_input
-from .nodes_sampling_guard import desired_tensor
+from .common import CATEGORY, NudgeNodeError, VerdictType, desired_prompt_inputs, desired_tensor, user_input
 
 
 class NudgeRegenerate(io.ComfyNode):
@@ -71,16 +70,11 @@ class NudgeRegenerate(io.ComfyNode):
                 io.Float.Input("denoise_decay", default=0.8, min=0.05, max=1.0, step=0.05,
                                tooltip="Factor denoise shrinks by after each failed attempt: re-noising less keeps "
                                        "more of the stronger nudge, so a memorizing model cannot pull it back."),
-                io.Conditioning.Input("desired_positive", optional=True,
-                                      tooltip="The prompt re-worded without what makes the image a copy (a title, a "
-                                              "name), from a CLIPTextEncode. Switches the node to regenerating the "
-                                              "whole image with the prompt moved toward it (denoise, beta, "
-                                              "proximity, nudge_steps, learning_rate and denoise_decay then do not "
-                                              "apply)."),
-                io.Float.Input("desired_strength", default=0.75, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="First attempt: how far the prompt embedding moves toward desired_positive "
-                                       "(1 = the desired prompt itself). Each retry divides the distance left by "
-                                       "`growth`."),
+            ] + desired_prompt_inputs(
+                "Switches the node to regenerating the whole image with the prompt moved toward it (denoise, beta, "
+                "proximity, nudge_steps, learning_rate and denoise_decay then do not apply).",
+                "First attempt: how far the prompt embedding moves toward desired_positive (1 = the desired prompt "
+                "itself). Each retry divides the distance left by `growth`.") + [
                 io.Float.Input("desired_denoise", default=1.0, min=0.05, max=1.0, step=0.05, optional=True,
                                tooltip="With desired_positive, first attempt: how far the first pass's image is "
                                        "re-noised before it is sampled with the moved prompt (1 = from new noise; "

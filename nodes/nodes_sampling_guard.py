@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import comfy.samplers
-import torch
 from comfy_api.latest import io
 
 from ..nudging_core.conditioning_nudge import match_token_length, toward_desired
@@ -15,7 +14,7 @@ from ..nudging_core.errors import NudgeInputError
 from ..nudging_core.nudge import check_finite
 from ..nudging_core.sampling_guard import GuardSettings, SamplingGuard
 from ..nudging_core.tiled_l2 import tiled_l2
-from .common import CATEGORY, EmbeddingSetType, NudgeNodeError, user_input
+from .common import CATEGORY, EmbeddingSetType, desired_prompt_inputs, desired_tensor, user_input
 
 
 def guard_inputs() -> list:
@@ -38,15 +37,11 @@ def guard_inputs() -> list:
         io.Vae.Input("vae", optional=True,
                      tooltip="The graph's VAE. Optional, but without it the guard cannot see whether a turned "
                              "image still decodes to a copy and only keeps the latent below cos_threshold."),
-        io.Conditioning.Input("desired_positive", optional=True,
-                              tooltip="Recommended: the prompt re-worded without what makes the image a copy (a "
-                                      "title, a name), from a CLIPTextEncode. A caught image then continues with "
-                                      "its prompt moved toward this one (desired_strength) and becomes a new image; "
-                                      "without it the guard turns the prediction, which often leaves a smeared copy."),
-        io.Float.Input("desired_strength", default=0.75, min=0.0, max=1.0, step=0.05, optional=True,
-                       tooltip="How far a caught image's prompt embedding moves toward desired_positive "
-                               "(0 = not at all, 1 = the desired prompt itself)."),
-    ]
+    ] + desired_prompt_inputs(
+        "A caught image then continues with its prompt moved toward this one (desired_strength) and becomes a new "
+        "image; without it the guard turns the prediction, which often leaves a smeared copy.",
+        "How far a caught image's prompt embedding moves toward desired_positive (0 = not at all, 1 = the desired "
+        "prompt itself).")
 
 
 def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end_percent, pixel_checks,
@@ -86,18 +81,6 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end
         previous = patched.model_options.get("model_function_wrapper")
         patched.set_model_unet_function_wrapper(switching_wrapper(node_id, guard, desired, desired_strength, previous))
     return patched
-
-
-def desired_tensor(node_id, conditioning):
-    """The embedding of a CONDITIONING input (its first entry), with a node-named error otherwise."""
-    try:
-        tensor = conditioning[0][0]
-        if not torch.is_tensor(tensor) or tensor.ndim != 3:
-            raise TypeError
-    except (TypeError, IndexError, KeyError):
-        raise NudgeNodeError(f"{node_id}: input 'desired_positive': expected a CONDITIONING from CLIPTextEncode; "
-                             "connect the desired prompt's text encoder") from None
-    return tensor
 
 
 def switching_wrapper(node_id, guard, desired, strength, previous=None):

@@ -14,6 +14,7 @@ from bench.near_copy import near_copy
 from host.comfy_host import execution_error
 from host.comfy_host import node_ui as node_output
 from host.workflow import configure_txt2img, generation_only, ui_to_api
+from memorizer.data import SAMPLER_SETTINGS
 from nudging_core.tiled_l2 import tiled_l2
 from shapes_world.reader import AttributeReader
 from shapes_world.scenes import World
@@ -59,7 +60,7 @@ def test_guard_workflows_turn_a_duplicated_caption_into_a_new_scene(host, object
     outcomes = []
     for seed in range(fresh_seed, fresh_seed + 3):
         prompt = configure_txt2img(base, os.path.basename(shapes_checkpoint), world.resolution,
-                                   {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"},
+                                   SAMPLER_SETTINGS,
                                    caption=world.item_caption(item), seed=seed,
                                    set_names={GUARDED: SHAPES_GUARDED}, desired=world.caption(*item.scene.attributes))
         entry = host.run(prompt)
