@@ -7,7 +7,7 @@ import torch
 
 from .embedding_set import EmbeddingSet
 from .errors import NudgeInputError
-from .tiled_l2 import DEFAULT_GRID, tiled_l2_matrix
+from .tiled_l2 import DEFAULT_GRID, comparison_size, image_tiles, tiled_l2_from_tiles, to_comparison
 
 PASSED, REGENERATED, STILL_FLAGGED = "passed", "regenerated", "still flagged"
 DEFAULT_THRESHOLD = 0.1  # Carlini et al. (2023)
@@ -55,17 +55,19 @@ def check_pixels(images: torch.Tensor, guarded: EmbeddingSet, threshold: float, 
                               "rebuild it with store_pixels on")
     if not torch.isfinite(images).all():
         raise NudgeInputError("the images contain NaN or infinite values; check the VAE decode before this node")
-    if images.shape[1:3] != guarded.pixels.shape[1:3]:
-        h, w = guarded.image_size
-        raise NudgeInputError(
-            f"images are {images.shape[2]}x{images.shape[1]} but the guarded set's copies are {w}x{h}; "
-            f"generate at {w}x{h} or rebuild the set from images of the generation size")
-    matrix = tiled_l2_matrix(images[..., :3].float().cpu(), guarded.pixels_float(), grid)
-    distance, index = matrix.min(dim=1)
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise NudgeInputError(f"images must be [batch, height, width, 3] (ComfyUI IMAGE), got {tuple(images.shape)}")
+    # Any generation size: both sides are compared at the comparison size (see tiled_l2).
+    hw = comparison_size(tuple(images.shape[1:3]), guarded.image_size)
+    if min(hw) < grid:
+        raise NudgeInputError(f"images of {images.shape[2]}x{images.shape[1]} are smaller than the {grid}x{grid} tile grid")
+    matrix = tiled_l2_from_tiles(image_tiles(to_comparison(images, hw), grid),
+                                 guarded.comparison_tiles(hw, grid, images.device))
+    distance, index = (t.cpu() for t in matrix.min(dim=1))
     flagged = [bool(d < threshold) for d in distance]
     cosines = None
     if clip_embeds is not None and guarded.clip_embeds is not None and clip_threshold is not None:
-        a = torch.nn.functional.normalize(clip_embeds.float().cpu().flatten(1), dim=1)
+        a = torch.nn.functional.normalize(clip_embeds.float().cpu().flatten(1), dim=1)  # the set's are on the CPU
         b = torch.nn.functional.normalize(guarded.clip_embeds.float().flatten(1), dim=1)
         if a.shape[1] != b.shape[1]:
             raise NudgeInputError(f"the CLIP vision model gives {a.shape[1]}-d embeddings but the set holds "

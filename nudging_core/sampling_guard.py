@@ -87,6 +87,10 @@ class SamplingGuard:
         self.caught, self.release, self.checks_used, self.still_copy, self.switched = {}, {}, {}, {}, {}
         self.events, self._last_sigma = [], None
 
+    def use_items(self, items: torch.Tensor) -> None:
+        """Guard against these latents from now on (the same items, encoded at another generation size)."""
+        self.items, self._items_f32, self._unit_items = items, None, None
+
     def _items(self, device) -> torch.Tensor:
         """The guarded latents as float32 on the sampler's device, converted once (hot path)."""
         if self._items_f32 is None or self._items_f32.device != device:

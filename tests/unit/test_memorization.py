@@ -23,9 +23,26 @@ def test_copies_are_flagged_with_their_nearest_item():
     assert matched.names == ["g2"] and matched.owners == [0]
 
 
-def test_size_mismatch_names_the_fix():
-    with pytest.raises(NudgeInputError, match="generate at 32x32"):
-        check_pixels(torch.rand(1, 64, 64, 3), guarded(torch.rand(1, 32, 32, 3)), 0.1)
+def smooth_images(n, size=8, out=(32, 32)):
+    """Photo-like test images: random colours at low resolution, bilinearly enlarged."""
+    low = torch.rand(n, 3, size, size)
+    return torch.nn.functional.interpolate(low, size=out, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+
+def test_a_set_built_at_one_size_guards_other_sizes_and_aspects():
+    torch.manual_seed(1)
+    train = smooth_images(3)                                   # guarded at 32x32
+    copy_wide = torch.nn.functional.interpolate(train[1:2].permute(0, 3, 1, 2), size=(64, 96), mode="bilinear",
+                                                align_corners=False).permute(0, 2, 3, 1)
+    other_wide = smooth_images(1, out=(64, 96))
+    verdict = check_pixels(torch.cat([copy_wide, other_wide]), guarded(train), 0.1)
+    assert verdict.flagged == [True, False]
+    assert verdict.nearest[0] == "g1"
+
+
+def test_too_small_images_name_the_grid():
+    with pytest.raises(NudgeInputError, match="smaller than the 4x4 tile grid"):
+        check_pixels(torch.rand(1, 2, 64, 3), guarded(torch.rand(1, 32, 32, 3)), 0.1)
 
 
 def test_empty_guarded_set():

@@ -67,3 +67,29 @@ def test_chunking_gives_the_same_answer():
     from nudging_core.tiled_l2 import _pairwise_rms
     a, b = torch.rand(3, 50), torch.rand(7, 50)
     assert torch.allclose(_pairwise_rms(a, b, budget=150), _pairwise_rms(a, b))
+
+
+def test_uint8_references_give_the_float_answer_in_chunks(monkeypatch):
+    import importlib
+    images = torch.rand(2, 16, 16, 3)
+    refs = (torch.rand(9, 16, 16, 3) * 255).round().to(torch.uint8)
+    want = tiled_l2_matrix(images, refs.float() / 255)
+    # two references per chunk (the package re-exports a function of the module's name)
+    monkeypatch.setattr(importlib.import_module("nudging_core.tiled_l2"), "_CHUNK_ELEMENTS", 2 * 16 * 16 * 3)
+    got = tiled_l2_matrix(images, refs)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_area_averaging_to_the_comparison_size_never_raises_a_distance():
+    """Jensen: with tiles aligned to the averaged blocks, a tile's RMS difference can only shrink,
+    so a copy the full-resolution test flags is still flagged at the comparison size."""
+    from nudging_core.tiled_l2 import comparison_size, to_comparison
+    torch.manual_seed(0)
+    a, b = torch.rand(4, 128, 128, 3), torch.rand(4, 128, 128, 3)
+    b[:2] = (a[:2] + 0.08 * torch.randn(2, 128, 128, 3)).clamp(0, 1)
+    hw = comparison_size((128, 128), (128, 128), size=32)
+    assert hw == (32, 32)
+    full = tiled_l2_matrix(a, b)
+    small = tiled_l2_matrix(to_comparison(a, hw), to_comparison(b, hw))
+    assert (small <= full + 1e-6).all()
+    assert comparison_size((64, 64), (512, 512)) == (64, 64) and comparison_size((16, 24), (512, 768)) == (16, 24)
