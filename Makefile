@@ -10,14 +10,14 @@ host:
 demo: host
 	$(PY) -m demo.run_demo $(if $(CKPT),--checkpoint "$(CKPT)")
 
-test: host
-	$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests
+test: host-0.30
+	$(TEST_ON_0.30) tests
 
-test-unit: host
-	$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/unit
+test-unit: host-0.30
+	$(TEST_ON_0.30) tests/unit
 
-test-integration: host
-	$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/integration
+test-integration: host-0.30
+	$(TEST_ON_0.30) tests/integration
 
 workflows: host
 	$(PY) -m tools.make_workflows
@@ -27,6 +27,26 @@ clean:
 
 bench: host
 	$(PY) -m bench.run_bench
+
+# Coverage-guided fuzzing of the embedding-set loader (fuzz/fuzz_set_loader.py, issue #14): every
+# hostile set file or set name must load to a consistent set or be refused with NudgeInputError.
+# Prints cases, coverage and failures; failing inputs and their tracebacks land in out/fuzz/failures,
+# the corpus grows in out/fuzz/corpus. Uses atheris (requirements-dev.txt) where it is installed,
+# its own seeded mutator elsewhere. Under a minute for the default 20000 cases;
+# FUZZ_RUNS=200000 or FUZZ_ARGS="--seconds 600" for longer runs.
+FUZZ_RUNS ?= 20000
+.PHONY: fuzz
+fuzz: host
+	$(PY) -m fuzz.fuzz_set_loader --runs $(FUZZ_RUNS) --out out/fuzz $(FUZZ_ARGS)
+
+# What the memorization filter costs against guarded sets of growing size (512x512 items, exact
+# tiled-L2 path) and how the comparison size changes its verdict on planted copies (issue #12).
+# Prints tables; writes bench/filter_scale.json and bench/comparison_size.json.
+SCALE_SIZES ?= 100 500 1000 2000
+.PHONY: bench-scale
+bench-scale: host
+	$(PY) -m bench.comparison_size --json bench/comparison_size.json
+	$(PY) -m bench.filter_scale --sizes $(SCALE_SIZES) --json bench/filter_scale.json
 
 # The shapes fixture's own targets (memorizes its duplicated items, generalizes elsewhere).
 shapes-eval: host
@@ -38,3 +58,23 @@ screenshots: host
 	mkdir -p docs/screenshots
 	NUDGING_SCREENSHOTS=$(CURDIR)/docs/screenshots NUDGING_THUMBNAILS=$(CURDIR)/workflows \
 		$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/integration/test_browser.py
+
+# The test-host matrix (see host/comfy_env.py). `make host` installs both; `make test` (and
+# test-unit, test-integration) runs on the newest ComfyUI reachable offline, 0.30.0 with frontend
+# 1.58.1; `make test-min` runs the suite on 0.3.75, the minimum the pack declares. The tests run
+# in-process, so each host's suite runs in that host's own venv. demo, bench and the other
+# targets use $(PY), the 0.3.75 host.
+PY_0.30 := .cache/venv-0.30/bin/python
+TEST_ON_0.30 := NUDGE_HOST=0.30 $(PY_0.30) -m pytest -q -c tests/pytest.ini --rootdir=tests
+TEST_ON_MIN := NUDGE_HOST=0.3.75 $(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests
+
+.PHONY: host-0.30 host-min test-min
+
+host-0.30:
+	bash host/setup_host.sh 0.30
+
+host-min:
+	bash host/setup_host.sh 0.3.75
+
+test-min: host-min
+	$(TEST_ON_MIN) tests

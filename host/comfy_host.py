@@ -10,15 +10,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("NUDGE_CACHE", os.path.join(REPO, ".cache"))
-COMFY_DIR = os.path.join(CACHE, "ComfyUI")
+from host.comfy_env import CACHE, REPO, Host, selected_host  # noqa: F401 (CACHE: re-exported)
+
+HOST = selected_host()  # NUDGE_HOST: which ComfyUI tree, venv and frontend (see comfy_env.py)
+COMFY_DIR = HOST.comfy_dir
 PACK_NAME = "comfyui-embedding-nudging"
 
 
@@ -33,7 +33,9 @@ def free_port() -> int:
 
 
 class ComfyHost:
-    def __init__(self, home: str, port: int | None = None, extra_args: list[str] | None = None):
+    def __init__(self, home: str, port: int | None = None, extra_args: list[str] | None = None,
+                 host: Host | None = None):
+        self.host = host or HOST
         self.home = os.path.abspath(home)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,13 +58,21 @@ class ComfyHost:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyHost":
-        if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
-            raise HostError(f"ComfyUI host missing at {COMFY_DIR}: run `bash host/setup_host.sh` first")
+        host = self.host
+        for path in (os.path.join(host.comfy_dir, "main.py"), host.python,
+                     host.front_end_root and os.path.join(host.front_end_root, "index.html")):
+            if path and not os.path.isfile(path):
+                raise HostError(f"ComfyUI {host.version} host incomplete, {path} is missing: "
+                                f"run `bash host/setup_host.sh {host.name}` first")
         self.prepare()
-        cmd = [sys.executable, os.path.join(REPO, "host", "launcher.py"), COMFY_DIR, "--cpu",
+        # The server runs in the host's own venv, whatever Python drives it.
+        cmd = [host.python, os.path.join(REPO, "host", "launcher.py"), host.comfy_dir, "--cpu",
                "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.home,
                "--database-url", f"sqlite:///{os.path.join(self.home, 'user', 'comfyui.db')}",
-               "--disable-auto-launch", *self.extra_args]
+               "--disable-auto-launch"]
+        if host.front_end_root and "--front-end-root" not in self.extra_args:
+            cmd += ["--front-end-root", host.front_end_root]
+        cmd += self.extra_args
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -9,6 +9,7 @@
 // - NudgeRegenerate: a status line with the attempt and sampler step while it runs; after, one
 //   row per flagged image: "escaped" after N attempt(s) or "STILL A COPY", distance before → after.
 // - A toast when something was flagged or is still flagged (setting: EmbeddingNudging.Toasts).
+// - All of it also for nodes inside subgraphs (the server names them "<subgraph node>:<node>").
 //
 // Only documented extension points are used: registerExtension hooks, api events, onExecuted /
 // onDrawForeground chained in beforeRegisterNodeDef, custom canvas widgets with serialize off
@@ -16,8 +17,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  COLORS, PACK_NODE_COLOR, drawImageLabels, drawPanel, messageView, nudgeView, panelHeight, progressView,
-  regenerateProgressView, regenerateView, statusView, verdictView,
+  COLORS, PACK_NODE_COLOR, drawImageLabels, drawPanel, messageView, nodeByExecutionId, nodesWithExecutionIds, nudgeView,
+  panelHeight, progressView, regenerateProgressView, regenerateView, statusView, verdictView,
 } from "./nudging_view.js";
 
 const EXTENSION = "EmbeddingNudging.Canvas";
@@ -42,17 +43,34 @@ function toastsEnabled() {
 
 function toast(severity, summary, detail, life = 8000) {
   if (!toastsEnabled()) return;
+  // The toast service exists only on newer frontends; older ones have just the legacy dialog
+  // (used for warnings and errors only: a modal for "run cancelled" would be a nuisance), and a
+  // page without either still gets the message in the console.
   const manager = app.extensionManager?.toast;
-  if (manager?.add) manager.add({ severity, summary, detail, life });
-  else console.info(`[embedding nudging] ${summary}: ${detail}`);
+  if (typeof manager?.add === "function") {
+    manager.add({ severity, summary, detail, life });
+  } else if (severity !== "info" && typeof app.ui?.dialog?.show === "function") {
+    // A text node, not an HTML string: item names in the message come from shared set files.
+    app.ui.dialog.show(document.createTextNode(`${summary}: ${detail}`));
+  } else {
+    console.info(`[embedding nudging] ${summary}: ${detail}`);
+  }
 }
 
 function classOf(node) {
   return node?.comfyClass ?? node?.type;
 }
 
+/** The root graph: the one server node ids refer to (app.graph is it, on frontends with or without subgraphs). */
+function rootGraph() {
+  const graph = app.graph;
+  return graph?.rootGraph ?? graph;
+}
+
 function redraw() {
-  app.graph?.setDirtyCanvas(true, true);
+  // The canvas itself, so that a node inside the subgraph on screen is redrawn too.
+  if (typeof app.canvas?.setDirty === "function") app.canvas.setDirty(true, true);
+  else app.graph?.setDirtyCanvas(true, true);
 }
 
 /** Show a view on a node: remember it, make the node tall enough, redraw. */
@@ -167,19 +185,35 @@ function progressFor(node, value, max) {
   return progressView(value, max);
 }
 
-function lazyNodes() {
-  return (app.graph?.nodes ?? []).filter((n) => LAZY_NODES.has(classOf(n)));
+/** The pack's nodes of the given types, in the root graph and inside subgraphs: node -> its execution ids. */
+function nodesOfTypes(types) {
+  const found = new Map();
+  for (const [node, id] of nodesWithExecutionIds(rootGraph())) {
+    if (!types.has(classOf(node))) continue;
+    if (!found.has(node)) found.set(node, []);
+    found.get(node).push(id);
+  }
+  return found;
 }
 
-// Per run: which nodes executed, so a LatentNudge that the lazy branch skipped says so.
+function lazyNodes() {
+  return nodesOfTypes(LAZY_NODES);
+}
+
+// Per run: which execution ids executed, so a LatentNudge that the lazy branch skipped says so.
 const run = { promptId: null, ran: new Set() };
 
-function viewNodes(type) {
-  return (app.graph?.nodes ?? []).filter((n) => (type ? classOf(n) === type : VIEW_NODES.has(classOf(n))));
+function viewNodes() {
+  return [...nodesOfTypes(VIEW_NODES).keys()];
 }
 
+function ranInThisRun(ids) {
+  return ids.some((id) => run.ran.has(id));
+}
+
+/** Server events name nodes by execution id: "5" in the root graph, "12:5" inside a subgraph. */
 function nodeById(id) {
-  return id == null ? null : app.graph?.getNodeById(id) ?? null;
+  return nodeByExecutionId(rootGraph(), id);
 }
 
 function bindRunEvents() {
@@ -211,14 +245,14 @@ function bindRunEvents() {
     setView(node, progressFor(node, detail.value, detail.max));
   });
   api.addEventListener("execution_interrupted", ({ detail }) => {
-    for (const node of lazyNodes()) {
+    for (const [node, ids] of lazyNodes()) {
       if (node.nudging?.running) {
         const p = node.nudgingProgress ?? { value: 0, max: 0 };
         const at = classOf(node) === "NudgeRegenerate" && p.max
           ? progressFor(node, p.value, p.max).header.replace("regenerating: ", "")
           : `step ${p.value} / ${p.max}`;
         setView(node, messageView(`cancelled at ${at}: nothing passed on`, COLORS.idle));
-      } else if (!run.ran.has(String(node.id))) {
+      } else if (!ranInThisRun(ids)) {
         setView(node, messageView("cancelled before it ran", COLORS.idle));
       }
     }
@@ -231,15 +265,30 @@ function bindRunEvents() {
     }
   });
   api.addEventListener("execution_success", () => {
-    for (const node of lazyNodes()) {
-      if (!run.ran.has(String(node.id))) {
+    for (const [node, ids] of lazyNodes()) {
+      if (!ranInThisRun(ids)) {
         setView(node, messageView("not run: nothing was flagged (lazy branch skipped)", COLORS.passed));
       }
     }
   });
 }
 
-app.registerExtension({
+// The frontend imports every .js under each pack's web folder. If this module is served twice (the
+// pack installed under two folder names, or fetched under another URL), a second registration would
+// throw on newer frontends and double every handler and widget on older ones: register once per page.
+// Symbol.for gives both module copies the same key.
+const REGISTERED = Symbol.for(`${EXTENSION}.registered`);
+
+function firstRegistration() {
+  if (window[REGISTERED] || app.extensions?.some?.((e) => e.name === EXTENSION)) {
+    console.warn(`[embedding nudging] ${EXTENSION} is already registered; this copy of the script does nothing`);
+    return false;
+  }
+  window[REGISTERED] = true;
+  return true;
+}
+
+if (firstRegistration()) app.registerExtension({
   name: EXTENSION,
   settings: [
     {

@@ -16,6 +16,47 @@ export const COLORS = {
 
 export const PACK_NODE_COLOR = { color: "#2d4a45", bgcolor: "#1f2f2c" };
 
+// --- Graph look-ups (pure: the graph is passed in) -------------------------------------------
+// Frontends with subgraphs (1.24+) flatten them when queuing: a node inside a subgraph runs under
+// the execution id "a:b" (the subgraph node's id in the root graph, then the node's own id inside
+// the subgraph; deeper nesting adds more parts), and every server event uses that id. The root
+// graph's getNodeById does not know such ids, so they are resolved one level at a time.
+
+function localId(part) {
+  return /^-?\d+$/.test(part) ? Number(part) : part;
+}
+
+/** The node an execution id names, in the root graph or inside its subgraphs; null if none. */
+export function nodeByExecutionId(rootGraph, id) {
+  if (id == null || typeof rootGraph?.getNodeById !== "function") return null;
+  const parts = String(id).split(":");
+  let graph = rootGraph;
+  for (const part of parts.slice(0, -1)) {
+    graph = graph.getNodeById(localId(part))?.subgraph;
+    if (typeof graph?.getNodeById !== "function") {
+      // Not a subgraph path this graph knows (e.g. a frontend without subgraphs): try the id as is.
+      return rootGraph.getNodeById(id) ?? null;
+    }
+  }
+  return graph.getNodeById(localId(parts[parts.length - 1])) ?? null;
+}
+
+/** Every node of the root graph and of the subgraphs inside it, as [node, execution id] pairs.
+ *  One subgraph used twice gives the same node object under two execution ids. */
+export function nodesWithExecutionIds(rootGraph, maxDepth = 16) {
+  const found = [];
+  const visit = (graph, prefix, depth) => {
+    for (const node of graph?.nodes ?? graph?._nodes ?? []) {
+      const id = `${prefix}${node.id}`;
+      found.push([node, id]);
+      // A bound on nesting: a malformed workflow must not send the walk round in circles.
+      if (node.subgraph && depth < maxDepth) visit(node.subgraph, `${id}:`, depth + 1);
+    }
+  };
+  visit(rootGraph, "", 0);
+  return found;
+}
+
 const ROW_HEIGHT = 22;
 const HEADER_HEIGHT = 20;
 const MAX_ROWS = 8;

@@ -9,6 +9,7 @@ with NUDGING_THUMBNAILS=<dir> the template-browser thumbnails (<workflow>.jpg).
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -38,6 +39,8 @@ RUN_TIMEOUT = 600
 REGEN_LINE = re.compile(r"^image (\d+): (escaped|STILL A COPY) after (\d+) attempt\(s\), distance (\S+) -> (\S+)$")
 GUARD_NODES = ["MemorizationFilter", "ConditionalRegenerate", "NudgeRegenerate"]   # memorization_guard.json
 STYLE_NODES = ["MemorizationFilter", "ConditionalRegenerate", "LatentNudge"]       # nudge_toward_style.json
+# A toast on screen: PrimeVue's .p-toast-message (frontend 1.32), a [data-testid=toast] item (1.58).
+TOASTS = ".p-toast-message, [data-testid=toast]"
 
 
 # --- browser session ------------------------------------------------------------------------
@@ -65,11 +68,11 @@ def page(browser, host):
     context.add_init_script("""
         window.__toastsSeen = [];
         new MutationObserver(() => {
-            for (const t of document.querySelectorAll('.p-toast-message')) {
+            for (const t of document.querySelectorAll('%s')) {
                 const text = t.innerText;
                 if (text && !window.__toastsSeen.includes(text)) window.__toastsSeen.push(text);
             }
-        }).observe(document, {childList: true, subtree: true, characterData: true});""")
+        }).observe(document, {childList: true, subtree: true, characterData: true});""" % TOASTS)
     pg = context.new_page()
     errors = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -86,18 +89,52 @@ def page(browser, host):
 
 
 # --- helpers --------------------------------------------------------------------------------
+# Dialogs: PrimeVue's .p-dialog (frontend 1.32), role="dialog" elements (1.58's template browser).
+DIALOGS = "[role=dialog], .p-dialog"
+
+
+def combo_options(object_info, class_type: str, name: str) -> list:
+    """A combo input's choices from /object_info: [[...], {...}] or the newer ["COMBO", {"options": [...]}]."""
+    info = object_info[class_type]["input"]
+    spec = info.get("required", {}).get(name) or info.get("optional", {}).get(name)
+    if isinstance(spec[0], list):
+        return spec[0]
+    return (spec[1] if len(spec) > 1 else {}).get("options", [])
+
+
+def shipped_workflow(name: str, object_info) -> dict:
+    """workflows/<name>.json pointed at the test home's files, as a user would pick them from the combos
+    before loading: the checkpoint is the memorizer (the shipped sd-v1-4.ckpt is not in the test home).
+    The shipped embedding-set names are the test home's own (conftest builds them), so they stay; a
+    shipped name the server does not list fails here, not as a vague load error. Newer frontends
+    (1.58) flag a node whose combo value is not in the server's list (node.has_errors), which
+    load_in_frontend checks, so this must happen before app.loadGraphData."""
+    workflow = copy.deepcopy(load_workflow(f"{name}.json"))
+    checkpoints = combo_options(object_info, "CheckpointLoaderSimple", "ckpt_name")
+    sets = combo_options(object_info, "LoadEmbeddingSet", "set_name")
+    assert CHECKPOINT_NAME in checkpoints, checkpoints
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = CHECKPOINT_NAME
+        elif node["type"] == "LoadEmbeddingSet":
+            assert node["widgets_values"][0] in sets, (name, node["widgets_values"][0], sets)
+    return workflow
+
+
 def load_in_frontend(page, workflow: dict) -> None:
-    """app.loadGraphData; every node type must be registered and no missing-nodes dialog shown."""
+    """app.loadGraphData; every node type must be registered, no node flagged with errors (a missing
+    type, a combo value the server does not list...) and no missing-nodes dialog shown."""
     result = page.evaluate(
-        """async (wf) => {
+        """async ([wf, dialogSelector]) => {
             await app.loadGraphData(wf);
             const registered = LiteGraph.registered_node_types;
             const virtual = new Set(["Note", "MarkdownNote", "Reroute", "PrimitiveNode"]);
             const unknown = wf.nodes.map(n => n.type).filter(t => !(t in registered) && !virtual.has(t));
             const broken = app.graph.nodes.filter(n => n.has_errors).map(n => n.type);
-            const dialogs = [...document.querySelectorAll(".p-dialog")].map(d => d.innerText);
+            const dialogs = [...document.querySelectorAll(dialogSelector)]
+                .filter(d => !d.parentElement?.closest(dialogSelector)).map(d => d.innerText);
             return {unknown, broken, dialogs, count: app.graph.nodes.length};
-        }""", workflow)
+        }""", [workflow, DIALOGS])
     assert not result["unknown"], f"node types not registered in the frontend: {result['unknown']}"
     assert not result["broken"], f"nodes loaded with errors: {result['broken']}"
     missing = [d for d in result["dialogs"] if "missing" in d.lower()]
@@ -197,8 +234,8 @@ def wait_for_views(page, node_ids: list[str], timeout: float = 30) -> dict:
 
 def toasts(page) -> list[str]:
     """The toasts on screen now and those shown earlier on this page (they expire after a few seconds)."""
-    return page.evaluate("""() => [...new Set([...(window.__toastsSeen || []),
-                                  ...[...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)])]""")
+    return page.evaluate("""(sel) => [...new Set([...(window.__toastsSeen || []),
+                                     ...[...document.querySelectorAll(sel)].map(t => t.innerText)])]""", TOASTS)
 
 
 def ids_of(prompt: dict, class_type: str) -> list[str]:
@@ -260,7 +297,7 @@ def screenshot(page, name: str, node_types: list[str] | None = None, thumbnail: 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_frontend_conversion_matches_the_project_converter(page, object_info, name):
     """app.graphToPrompt() on the shipped file equals host.workflow.ui_to_api: same classes, same inputs."""
-    workflow = load_workflow(f"{name}.json")
+    workflow = shipped_workflow(name, object_info)
     load_in_frontend(page, workflow)
     converted = graph_to_prompt(page)
     assert strip(converted["output"]) == strip(ui_to_api(workflow, object_info))
@@ -274,7 +311,7 @@ def test_frontend_conversion_matches_the_project_converter(page, object_info, na
 
 def run_workflow_in_browser(page, host, object_info, name, caption=None, seed=None, overrides=None):
     """Load, set the memorizer's widgets through the UI, check the frontend's conversion, run."""
-    workflow = load_workflow(f"{name}.json")
+    workflow = shipped_workflow(name, object_info)
     load_in_frontend(page, workflow)
     plain = ui_to_api(workflow, object_info)
     wanted = configured_prompt(object_info, workflow, caption, seed, overrides)
@@ -403,6 +440,72 @@ def test_nudge_regenerate_reports_still_a_copy_when_forced(page, host, object_in
     screenshot(page, "nudge_regenerate_forced_still_a_copy", GUARD_NODES)
 
 
+def widget_inputs(prompt: dict) -> list:
+    """Each node's class and widget values, whatever its id (ids change when nodes move into a subgraph)."""
+    def value(v):   # the page's JSON gives 5 where Python has 5.0
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    return sorted((node["class_type"], json.dumps({k: value(v) for k, v in node["inputs"].items()
+                                                   if not isinstance(v, list)}, sort_keys=True))
+                  for node in prompt.values())
+
+
+def subgraph_views(page) -> dict:
+    """node_views for the nodes inside the root graph's subgraph nodes, keyed by class."""
+    return page.evaluate(
+        """() => Object.fromEntries(app.graph.nodes.filter(n => n.isSubgraphNode?.() && n.subgraph)
+               .flatMap(sg => sg.subgraph.nodes).filter(n => n.nudging).map(n => [n.comfyClass, {
+                   header: n.nudging.header, stale: !!n.nudging.stale, running: !!n.nudging.running,
+                   rows: n.nudging.rows.map(r => r.badge), progressMax: n.nudgingProgress?.max ?? 0}]))""")
+
+
+def test_guard_ui_works_inside_a_subgraph(page, host, object_info, fresh_seed):
+    """The guard's nodes converted into a subgraph with the frontend's own command path
+    (LGraph.convertToSubgraph): the server then names them by execution ids "<subgraph node>:<node>",
+    and the pack's status, progress and lazy-branch bookkeeping must still find them."""
+    _name, caption, _ = memorizer_data.training_items()[2]
+    workflow = shipped_workflow("memorization_guard", object_info)
+    load_in_frontend(page, workflow)
+    wanted = configured_prompt(object_info, workflow, caption, fresh_seed,
+                               {"MemorizationFilter": {"threshold": 1.0}, "NudgeRegenerate": {"max_attempts": 1}})
+    set_widgets(page, widget_changes(ui_to_api(workflow, object_info), wanted))
+    converted = page.evaluate(
+        """(types) => {
+            if (typeof app.graph.convertToSubgraph !== "function") return null;
+            const chosen = app.graph.nodes.filter(n => types.includes(n.comfyClass));
+            const {node} = app.graph.convertToSubgraph(new Set(chosen));
+            return {id: String(node.id), inner: node.subgraph.nodes.map(n => n.comfyClass).sort()};
+        }""", GUARD_NODES)
+    if converted is None:
+        pytest.skip("this frontend has no subgraphs (LGraph.convertToSubgraph)")
+    assert converted["inner"] == sorted(GUARD_NODES), converted
+    prompt = graph_to_prompt(page)["output"]
+    # Same graph, same settings; the guard's nodes now run under "<subgraph node>:<node>" ids.
+    assert widget_inputs(prompt) == widget_inputs(wanted)
+    for class_type in GUARD_NODES:
+        nid, = ids_of(prompt, class_type)
+        assert nid.startswith(converted["id"] + ":"), (class_type, nid)
+    _prompt_id, entry = queue_from_frontend(page, host)
+    assert entry["status"].get("status_str") == "success", entry["status"]
+    regen, = ids_of(prompt, "ConditionalRegenerate")
+    assert json.loads(entry["outputs"][regen]["nudging_status"][0])["statuses"] == ["still flagged"]
+    deadline = time.time() + 30
+    while True:
+        views = subgraph_views(page)
+        if all(t in views and not views[t]["stale"] and not views[t]["running"] for t in GUARD_NODES):
+            break
+        if time.time() > deadline:
+            raise AssertionError(f"the canvas never showed fresh results inside the subgraph: {views}")
+        time.sleep(0.25)
+    assert views["MemorizationFilter"]["rows"] == ["FLAGGED"], views
+    assert views["ConditionalRegenerate"]["header"] == "1 still flagged after regeneration", views
+    # The lazy branch ran: its node is found by its "a:b" id (progress events, the executed list),
+    # so it shows its report, not "not run".
+    assert views["NudgeRegenerate"]["rows"] == ["STILL A COPY"], views
+    assert views["NudgeRegenerate"]["progressMax"] > 0, views
+    wait_for_toast(page, "still flagged after regeneration")
+    screenshot(page, "guard_inside_subgraph")
+
+
 def test_toasts_can_be_turned_off(page, host, object_info, fresh_seed):
     page.evaluate("async () => { await app.extensionManager.setting.set('EmbeddingNudging.Toasts', false); }")
     try:
@@ -414,6 +517,10 @@ def test_toasts_can_be_turned_off(page, host, object_info, fresh_seed):
         assert result["status"]["statuses"] == ["still flagged"]   # a toast would have been shown
         page.wait_for_timeout(500)
         assert not [t for t in toasts(page) if "flagged" in t], toasts(page)
+        # The check above sees toasts on this frontend at all (its toast DOM differs between versions).
+        page.evaluate("""() => app.extensionManager.toast.add({severity: "info", summary: "toast probe",
+                                                              detail: "seen", life: 3000})""")
+        wait_for_toast(page, "toast probe")
     finally:
         page.evaluate("async () => { await app.extensionManager.setting.set('EmbeddingNudging.Toasts', true); }")
 
@@ -422,7 +529,7 @@ def start_and_cancel(page, host, object_info, workflow_name: str, node_type: str
                      progress_header, shot: str, shot_nodes: list[str]) -> None:
     """Queue a run forced into the lazy branch, wait for node_type's progress, cancel, check it stopped."""
     _name, caption, _ = memorizer_data.training_items()[3]
-    workflow = load_workflow(f"{workflow_name}.json")
+    workflow = shipped_workflow(workflow_name, object_info)
     load_in_frontend(page, workflow)
     wanted = configured_prompt(object_info, workflow, caption, seed, {"MemorizationFilter": {"threshold": 1.0}, **overrides})
     set_widgets(page, widget_changes(ui_to_api(workflow, object_info), wanted))
@@ -552,9 +659,10 @@ def test_templates_are_listed_with_thumbnails(page, host):
     deadline = time.time() + 30
     while True:
         dialog = page.evaluate(
-            """() => ({text: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\\n'),
-                       imgs: [...document.querySelectorAll('.p-dialog img')]
-                           .map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}))})""")
+            """(sel) => { const outer = [...document.querySelectorAll(sel)].filter(d => !d.parentElement?.closest(sel));
+                       return {text: outer.map(d => d.innerText).join('\\n'),
+                       imgs: outer.flatMap(d => [...d.querySelectorAll('img')])
+                           .map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}))}; }""", DIALOGS)
         # The frontend fetches thumbnails into blob: URLs; with the pack's category selected only its
         # cards are shown ("Showing N of N templates"), so every loaded card image is ours.
         loaded = [i for i in dialog["imgs"] if i["ok"]]
