@@ -272,6 +272,13 @@ def train_unet(args, fh):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if st:
         opt.load_state_dict(st["opt"])
+    # An exponential moving average of the trained weights is what the candidate is written from: an
+    # undertrained diffusion model's last iterate samples noticeably worse than its average.
+    ema_params = [p.detach().clone() for p in params]
+    if st and "ema" in st:
+        for e, saved in zip(ema_params, st["ema"]):
+            e.copy_(saved)
+    ema_updates = st.get("ema_updates", 0) if st else 0
     model.train()
     mt.skip_dead_resblocks(model, fh)
     w = world()
@@ -304,14 +311,24 @@ def train_unet(args, fh):
         snr = a.view(-1) / (1 - a.view(-1))
         loss = (per * torch.clamp(snr, max=args.min_snr_gamma) / snr).mean()
         mt._optimiser_step(opt, loss, params)
+        ema_updates += 1
+        decay = min(args.ema_decay, (1 + ema_updates) / (10 + ema_updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % args.log_every == 0:
             mt.log("unet step {}/{} loss {:.5f} (ema {:.5f}) lr {:.2e} ({:.2f}s/step)".format(
                 step, args.steps, loss.item(), ema, lr, (time.time() - t0) / (step - start_step)), fh)
         if step % args.save_every == 0 or step == args.steps:
+            last = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                torch._foreach_copy_(params, ema_params)
             write_candidate(model, keys, step, fh)
+            with torch.no_grad():
+                torch._foreach_copy_(params, last)
             torch.save({"model": {k: v for k, v in model.state_dict().items() if k in trained_names},
-                        "opt": opt.state_dict(), "step": step}, resume)
+                        "opt": opt.state_dict(), "step": step, "ema": ema_params, "ema_updates": ema_updates},
+                       resume)
             mt.log("saved weights at step {}".format(step), fh)
 
 
@@ -336,6 +353,7 @@ def main(argv=None):
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight average the candidate is")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     mt.setup(args.threads)
