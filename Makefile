@@ -47,6 +47,11 @@ SCALE_SIZES ?= 100 500 1000 2000
 bench-scale: host
 	$(PY) -m bench.comparison_size --json bench/comparison_size.json
 	$(PY) -m bench.filter_scale --sizes $(SCALE_SIZES) --json bench/filter_scale.json
+	$(PY) -m bench.scale_million --sizes $(MILLION_SIZES) --json bench/scale.json
+
+# The guard index (nudging_core/guard_index.py) at up to a million items: writes about 13 GB of
+# shards under out/ while it runs (deleted after), about 5 minutes here. MILLION_SIZES=1000000 for the largest only.
+MILLION_SIZES ?= 10000 100000 1000000
 
 # The shapes fixture's own targets (memorizes its duplicated items, generalizes elsewhere).
 shapes-eval: host
