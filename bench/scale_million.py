@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from bench.filter_scale import _reset_peak, _status_mb
+
 BLOCK = 4096            # items generated per random block (the generator is seeded per block)
 SIZE = 64
 QUERY_SIZE = 512
@@ -42,19 +44,6 @@ THRESHOLD = 0.1
 SHARD_SIZE = 65536
 LOOSE_THRESHOLDS = (0.15, 0.2)
 LOOSE_QUERIES = 5
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 def _block(seed: int, b: int, count: int, only: int | None = None):

@@ -60,10 +60,10 @@ def _prepare(img, size=RESOLUTION):
     return np.ascontiguousarray(np.asarray(pil, dtype=np.uint8))
 
 
-def training_items():
-    """List of (name, caption, uint8 image of shape (64, 64, 3))."""
+def training_items(size=RESOLUTION):
+    """List of (name, caption, uint8 image of shape (size, size, 3)); the model was trained at 64."""
     import skimage.data
-    return [(name, caption, _prepare(getattr(skimage.data, fn)())) for name, fn, caption in _ITEMS]
+    return [(name, caption, _prepare(getattr(skimage.data, fn)(), size)) for name, fn, caption in _ITEMS]
 
 
 def training_captions():

@@ -6,8 +6,8 @@ import json
 import torch
 from comfy_api.latest import io, ui
 
-from ..nudging_core.memorization import PASSED, STILL_FLAGGED, merge_regenerated
-from .common import CATEGORY, VerdictType, user_input
+from ..nudging_core.memorization import PASSED, STILL_FLAGGED, Verdict, merge_regenerated
+from .common import CATEGORY, VerdictType, check_inputs, user_input
 
 STILL_FLAGGED_ACTIONS = ("report", "blank")
 
@@ -42,12 +42,14 @@ class ConditionalRegenerate(io.ComfyNode):
 
     @classmethod
     def check_lazy_status(cls, verdicts, images, still_flagged_action, regenerated=None):
-        if verdicts is not None and verdicts.any_flagged and regenerated is None:
+        # Not a Verdict (a literal in an API prompt): execute refuses it, naming the input.
+        if isinstance(verdicts, Verdict) and verdicts.any_flagged and regenerated is None:
             return ["regenerated"]
         return []
 
     @classmethod
     def execute(cls, verdicts, images, still_flagged_action, regenerated=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
         with user_input("ConditionalRegenerate", "regenerated"):
             merged = merge_regenerated(images, verdicts, regenerated)
         out = merged.images

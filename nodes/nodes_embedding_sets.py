@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 
 import folder_paths
+import torch
+from safetensors import SafetensorError
 from comfy_api.latest import io, ui
 
 from ..nudging_core import embedding_set as sets
-from .common import CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, user_input
+from .common import CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, check_inputs, user_input
 
 
 def register_set_folder() -> None:
@@ -34,6 +36,14 @@ def find_set_file(node_id: str, name: str) -> str:
                          "refresh the list (press R) or build the set with SaveEmbeddingSet")
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class LoadEmbeddingSet(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -53,6 +63,18 @@ class LoadEmbeddingSet(io.ComfyNode):
                 io.Int.Output(display_name="count", tooltip="How many items the set holds."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, set_name):
+        # Naming set_name here makes ComfyUI skip its own combo check ("Value not in list") for this
+        # input at queue time, so a missing set is rejected with the message that names the fix.
+        if set_name is None:        # fed by a link: its value is only known when the graph runs
+            return True
+        try:
+            find_set_file("LoadEmbeddingSet", set_name)
+        except NudgeNodeError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, set_name):
@@ -97,13 +119,27 @@ class BuildEmbeddingSet(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, vae, store_pixels, item_names, clip_vision=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
         count = images.shape[0]
         names = [n.strip() for n in item_names.replace(",", "\n").splitlines() if n.strip()]
         if names and len(names) != count:
             raise NudgeNodeError(f"BuildEmbeddingSet: input 'item_names': {len(names)} names for {count} images; "
                                  "give one name per image or leave it empty")
+        if not all(_encodable(n) for n in names):
+            # A lone surrogate (possible in JSON) would be saved, and the set then refused by the loader.
+            raise NudgeNodeError("BuildEmbeddingSet: input 'item_names': a name holds characters that are not text "
+                                 "(a lone surrogate); use plain text names")
+        scale = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else 8
+        if min(images.shape[1:3]) < scale:
+            raise NudgeNodeError(f"BuildEmbeddingSet: input 'images': {images.shape[2]}x{images.shape[1]} images are "
+                                 f"smaller than the VAE's {scale}-pixel latent cell; use images of at least "
+                                 f"{scale}x{scale} (the generation size)")
         names = names or [f"item_{i}" for i in range(count)]
         latents = vae.encode(images[:, :, :, :3])
+        if not torch.isfinite(latents).all():
+            raise NudgeNodeError("BuildEmbeddingSet: input 'vae': the VAE encoded the images to NaN or infinite "
+                                 "latents; a set built from them could guard nothing. Check the VAE (fp16 overflow: "
+                                 "try --force-fp32)")
         clip_embeds, clip_name = None, None
         if clip_vision is not None:
             clip_embeds = clip_vision.encode_image(images).image_embeds.float().cpu()
@@ -114,6 +150,9 @@ class BuildEmbeddingSet(io.ComfyNode):
                 clip_embeds=clip_embeds, clip_encoder=clip_name,
                 pixels=sets.pixels_to_uint8(images) if store_pixels else None)
         return io.NodeOutput(built)
+
+
+MAX_SUBFOLDERS = 16
 
 
 class SaveEmbeddingSet(io.ComfyNode):
@@ -136,11 +175,30 @@ class SaveEmbeddingSet(io.ComfyNode):
 
     @classmethod
     def execute(cls, embedding_set, set_name) -> io.NodeOutput:
+        check_inputs(cls, locals())
+        if len(embedding_set) == 0:
+            raise NudgeNodeError("SaveEmbeddingSet: input 'embedding_set': the set holds no items (nothing was "
+                                 "flagged?); LoadEmbeddingSet would refuse the file, so nothing is saved")
+        name = set_name.strip()
+        parts = name.replace("\\", "/").split("/")
+        if not name or len(parts) > MAX_SUBFOLDERS or max(len(p.encode("utf-8", "replace")) for p in parts) > 200:
+            # Checked before anything is created: os.makedirs recurses once per folder level.
+            raise NudgeNodeError("SaveEmbeddingSet: input 'set_name': give a file name (at most 200 bytes per "
+                                 f"part, {MAX_SUBFOLDERS - 1} subfolders), e.g. guarded_images")
         folder = folder_paths.get_folder_paths(SET_FOLDER)[0]
         with user_input("SaveEmbeddingSet", "set_name"):
-            path = sets.free_set_path(folder, set_name.strip())
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sets.save_set(embedding_set, path)
+            path = sets.free_set_path(folder, name)
+        if os.path.lexists(path):
+            # A link that resolves nowhere (a loop): exists() says no, but the write would replace the link.
+            raise NudgeNodeError(f"SaveEmbeddingSet: input 'set_name': '{os.path.relpath(path, folder)[:120]}' is "
+                                 "taken by a broken link; pick another name")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sets.save_set(embedding_set, path)
+        except (OSError, SafetensorError) as exc:     # a name too long for the file system, a full disk...
+            raise NudgeNodeError(f"SaveEmbeddingSet: input 'set_name': cannot write "
+                                 f"'{os.path.relpath(path, folder)[:120]}' ({exc}); pick a shorter, plain name or "
+                                 "check the folder") from None
         saved = os.path.relpath(path, folder)
         return io.NodeOutput(saved, ui=ui.PreviewText(f"saved {len(embedding_set)} items as {saved}"))
 

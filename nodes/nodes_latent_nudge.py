@@ -7,9 +7,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.nudge import AGGREGATES, NudgeSettings, nudge_latents
-from .common import CATEGORY, EmbeddingSetType, user_input
+from .common import CATEGORY, EmbeddingSetType, check_inputs, set_latents_for, user_input
 
 
 def _slice_latent(latent: dict, samples, rows: list[int] | None) -> dict:
@@ -58,6 +57,10 @@ class LatentNudge(io.ComfyNode):
                 io.Combo.Input("aggregate", options=list(AGGREGATES), default="max",
                                tooltip="How each set's cosines combine: max pushes from the nearest item, "
                                        "mean from the set as a whole."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional: the graph's VAE. With it, sets built at another image size are "
+                                     "re-encoded at this latent's size from their pixel copies (once per set and "
+                                     "size); without it, a set must match the latent's size."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The nudged latent (flagged images only when the "
@@ -68,17 +71,16 @@ class LatentNudge(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, undesired_set, alpha, beta, proximity, steps, learning_rate, aggregate,
-                desired_set=None) -> io.NodeOutput:
+                desired_set=None, vae=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
         samples = latent["samples"]
         owners = undesired_set.owners
         if len(undesired_set) == 0:
             note = "undesired set is empty: nothing to push from, latent passed on unchanged"
             return io.NodeOutput(latent, note, ui={"text": [note]})
-        with user_input("LatentNudge", "undesired_set"):
-            check_latent_compatible(undesired_set, samples, "undesired")
-        if desired_set is not None:
-            with user_input("LatentNudge", "desired_set"):
-                check_latent_compatible(desired_set, samples, "desired")
+        undesired = set_latents_for("LatentNudge", "undesired_set", undesired_set, samples, vae, "undesired")
+        desired = None if desired_set is None else set_latents_for("LatentNudge", "desired_set", desired_set, samples,
+                                                                    vae, "desired")
         if owners is not None and max(owners) >= samples.shape[0]:
             owners = None  # matched against another batch: push every image from every item
         progress = comfy.utils.ProgressBar(max(1, steps))
@@ -92,8 +94,7 @@ class LatentNudge(io.ComfyNode):
         settings = NudgeSettings(alpha=alpha, beta=beta, proximity=proximity, steps=steps,
                                  learning_rate=learning_rate, aggregate=aggregate)
         with user_input("LatentNudge", "latent"):
-            result = nudge_latents(samples, undesired_set.latents, settings,
-                                   desired=None if desired_set is None else desired_set.latents,
+            result = nudge_latents(samples, undesired, settings, desired=desired,
                                    undesired_owners=owners, on_step=on_step)
         rows = [b for b, hit in enumerate(result.nudged) if hit] if owners is not None else None
         new_samples = result.latents if rows is None else result.latents[rows]

@@ -6,7 +6,7 @@ import json
 from comfy_api.latest import io
 
 from ..nudging_core.memorization import DEFAULT_THRESHOLD, check_pixels, format_report
-from .common import CATEGORY, EmbeddingSetType, VerdictType, user_input
+from .common import CATEGORY, EmbeddingSetType, VerdictType, check_inputs, user_input
 
 
 class MemorizationFilter(io.ComfyNode):
@@ -44,6 +44,7 @@ class MemorizationFilter(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, guarded_set, threshold, clip_vision=None, clip_threshold=0.95) -> io.NodeOutput:
+        check_inputs(cls, locals())
         clip_embeds = None
         if clip_vision is not None and guarded_set.clip_embeds is not None:
             clip_embeds = clip_vision.encode_image(images).image_embeds

@@ -15,12 +15,12 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.conditioning_nudge import escalated_strength, toward_desired
 from ..nudging_core.escape import regenerate_until_clear, retry_until_clear
 from ..nudging_core.memorization import check_pixels
-from ..nudging_core.nudge import NudgeSettings
-from .common import CATEGORY, NudgeNodeError, VerdictType, desired_prompt_inputs, desired_tensor, user_input
+from ..nudging_core.nudge import NudgeSettings, check_finite
+from .common import (CATEGORY, NudgeNodeError, VerdictType, check_inputs, desired_prompt_inputs, desired_tensor,
+                     set_latents_for, user_input)
 
 
 class NudgeRegenerate(io.ComfyNode):
@@ -97,6 +97,7 @@ class NudgeRegenerate(io.ComfyNode):
                 denoise, beta, proximity, nudge_steps, learning_rate, max_attempts, growth,
                 denoise_decay, desired_positive=None, desired_strength=0.75, desired_denoise=1.0,
                 escape_margin=1.5) -> io.NodeOutput:
+        check_inputs(cls, locals())
         samples = latent["samples"]
         if samples.shape[0] != len(verdicts.flagged):
             raise NudgeNodeError(f"NudgeRegenerate: input 'latent': {samples.shape[0]} latents but the verdicts "
@@ -107,14 +108,17 @@ class NudgeRegenerate(io.ComfyNode):
             raise NudgeNodeError("NudgeRegenerate: input 'verdicts': nothing was flagged; connect this node to "
                                  "ConditionalRegenerate's lazy 'regenerated' input so it only runs when needed")
         matched = verdicts.matched_set()
-        with user_input("NudgeRegenerate", "verdicts"):
-            check_latent_compatible(matched, samples, "guarded")
+        for name, conditioning in (("positive", positive), ("negative", negative)):
+            with user_input("NudgeRegenerate", name):
+                for entry in conditioning:
+                    check_finite(entry[0], f"{name} conditioning")
         progress = comfy.utils.ProgressBar(max_attempts * steps)
         attempt_offset = [0]
 
         def sample(start, attempt, attempt_positive, attempt_denoise):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            noise = comfy.sample.prepare_noise(start, seed + attempt)
+            attempt_seed = (seed + attempt) % 2**64   # seed may be the widget's maximum, 2**64 - 1
+            noise = comfy.sample.prepare_noise(start, attempt_seed)
             attempt_offset[0] = attempt * steps
 
             def callback(step, _x0, _x, total):
@@ -122,7 +126,12 @@ class NudgeRegenerate(io.ComfyNode):
 
             out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, attempt_positive, negative,
                                       start, denoise=attempt_denoise, callback=callback, disable_pbar=True,
-                                      seed=seed + attempt)
+                                      seed=attempt_seed)
+            if not torch.isfinite(out).all():
+                # Said here, not as "the VAE decoded NaN" by the test that would come next.
+                raise NudgeNodeError(f"NudgeRegenerate: input 'model': attempt {attempt + 1} sampled NaN or infinite "
+                                     "latents; check the model, its LoRAs and the conditioning (a NaN usually comes "
+                                     "from fp16 overflow: try --force-fp32)")
             return vae.decode(out), out
 
         def test(images):
@@ -134,6 +143,8 @@ class NudgeRegenerate(io.ComfyNode):
 
         if desired_positive is not None:
             desired = desired_tensor("NudgeRegenerate", desired_positive)
+            with user_input("NudgeRegenerate", "desired_positive"):
+                check_finite(desired, "desired conditioning")
 
             def attempt_images(pending, attempt):
                 strength = escalated_strength(desired_strength, attempt, growth)
@@ -153,8 +164,10 @@ class NudgeRegenerate(io.ComfyNode):
             def regenerate(nudged, attempt):
                 return sample(nudged, attempt, positive, denoise * denoise_decay ** attempt)
 
+            # The matched items at this latent's size (re-encoded by the VAE when the set was built at another).
+            undesired = set_latents_for("NudgeRegenerate", "verdicts", matched, samples, vae, "guarded")
             with user_input("NudgeRegenerate", "latent"):
-                result = regenerate_until_clear(samples[rows], matched.latents, settings, regenerate, test,
+                result = regenerate_until_clear(samples[rows], undesired, settings, regenerate, test,
                                                 max_attempts=max_attempts, growth=growth)
         # By the filter's own threshold, as ConditionalRegenerate re-tests it (the margin only decides
         # whether another attempt is made).

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 
+import comfy.patcher_extension
 import comfy.samplers
+import torch
 from comfy_api.latest import io
 
 from ..nudging_core.conditioning_nudge import match_token_length, toward_desired
-from ..nudging_core.embedding_set import check_latent_compatible
 from ..nudging_core.errors import NudgeInputError
 from ..nudging_core.nudge import check_finite
 from ..nudging_core.sampling_guard import GuardSettings, SamplingGuard
-from ..nudging_core.tiled_l2 import tiled_l2
-from .common import CATEGORY, EmbeddingSetType, desired_prompt_inputs, desired_tensor, user_input
+from ..nudging_core.tiled_l2 import (DEFAULT_GRID, comparison_size, image_tiles, tiled_l2, tiled_l2_from_tiles,
+                                     to_comparison)
+from .common import (CATEGORY, EmbeddingSetType, NudgeNodeError, check_inputs, desired_prompt_inputs, desired_tensor,
+                     set_latents_for, user_input)
 
 
 def guard_inputs() -> list:
@@ -36,7 +39,8 @@ def guard_inputs() -> list:
                        tooltip="Tiled L2 below which a decoded prediction counts as a copy (as in MemorizationFilter)."),
         io.Vae.Input("vae", optional=True,
                      tooltip="The graph's VAE. Optional, but without it the guard cannot see whether a turned "
-                             "image still decodes to a copy and only keeps the latent below cos_threshold."),
+                             "image still decodes to a copy and only keeps the latent below cos_threshold. With it, "
+                             "a set built at another image size guards this one too (re-encoded once per size)."),
     ] + desired_prompt_inputs(
         "A caught image then continues with its prompt moved toward this one (desired_strength) and becomes a new "
         "image; without it the guard turns the prediction, which often leaves a smeared copy.",
@@ -63,9 +67,14 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end
 
     def post_cfg(args):
         denoised = args["denoised"]
+        if not torch.isfinite(denoised).all():
+            raise NudgeNodeError(f"{node_id}: input 'model': the sampler's prediction holds NaN or infinite values "
+                                 f"(sigma {float(args['sigma'].max()):.3f}); check the model, its LoRAs and the "
+                                 "conditioning (a NaN usually comes from fp16 overflow: try --force-fp32)")
         if tuple(denoised.shape[1:]) != tuple(guard.items.shape[1:]):
-            with user_input(node_id, "guarded_set"):
-                check_latent_compatible(guarded_set, inner.process_out(denoised), "guarded")
+            # Another generation size: the set at this size (re-encoded by the VAE, once per size).
+            items = set_latents_for(node_id, "guarded_set", guarded_set, inner.process_out(denoised), vae, "guarded")
+            guard.use_items(inner.process_in(items.clone()))
         sigma = float(args["sigma"].max())
         before = len(guard.caught)
         out = guard(denoised, sigma, in_window=sigma_end <= sigma <= sigma_start,
@@ -74,10 +83,20 @@ def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end
             logging.info("[%s] guard caught images %s at sigma %.3f", node_id, sorted(guard.caught), sigma)
         return out
 
+    def fresh_run(executor, *args, **kwargs):
+        # The guard lives in the MODEL (or GUIDER) output, which ComfyUI caches between prompts: without
+        # this, the images the last run caught or switched (also a run that was interrupted or failed)
+        # would be switched again at the next run's first model call, before the guard sees a prediction.
+        guard.reset()
+        return executor(*args, **kwargs)
+
     patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "embedding_nudging_guard", fresh_run)
     patched.set_model_sampler_post_cfg_function(post_cfg)
     if desired_positive is not None:
         desired = desired_tensor(node_id, desired_positive)
+        with user_input(node_id, "desired_positive"):
+            check_finite(desired, "desired conditioning")
         previous = patched.model_options.get("model_function_wrapper")
         patched.set_model_unet_function_wrapper(switching_wrapper(node_id, guard, desired, desired_strength, previous))
     return patched
@@ -94,6 +113,8 @@ def switching_wrapper(node_id, guard, desired, strength, previous=None):
             per = args["input"].shape[0] // len(chunks)
             rows = [i * per + b for i, kind in enumerate(chunks) if kind == 0 for b in guard.switched if b < per]
             if rows:
+                with user_input(node_id, "positive"):      # NaN can arrive mid-pass (a timestep-ranged prompt)
+                    check_finite(cross[rows], "positive conditioning")
                 with user_input(node_id, "desired_positive"):
                     cross, target = match_token_length(cross.clone(), desired.to(cross.device, cross.dtype))
                     cross[rows] = toward_desired(cross[rows], target, strength)
@@ -117,30 +138,25 @@ def in_last_calls(args, sigma: float, count: int) -> bool:
 
 
 def pixel_check(node_id, vae, latent_format, guarded_set):
-    """Decode turned predictions; the tiled L2 of each to its item's pixels."""
-    references = {}
-    stored = guarded_set.pixels_float() if guarded_set.pixels is not None else None
-
-    def reference(index, size):
-        """The item's pixels as float32 on the CPU, converted once per item."""
-        if index not in references:
-            pixels = stored
-            if pixels is None or tuple(pixels.shape[1:3]) != size:
-                # No stored copy at this size: the item's own latent, decoded by this VAE.
-                pixels = vae.decode(guarded_set.latents[index:index + 1]).reshape(1, *size, -1)[:, :, :, :3]
-                index_in = 0
-            else:
-                index_in = index
-            references[index] = pixels[index_in].float().cpu()
-        return references[index]
+    """Decode turned predictions; the tiled L2 of each to its item's pixel copy, compared at the
+    comparison size as MemorizationFilter does (any generation size). A set without copies: the
+    item's own latent, decoded by this VAE once."""
+    decoded = {}
 
     def check(latents, items):
         with user_input(node_id, "vae"):
             images = vae.decode(latent_format.process_out(latents.clone()))
-            images = images.reshape(latents.shape[0], images.shape[-3], images.shape[-2], images.shape[-1])
-            size = tuple(images.shape[1:3])
-            return [tiled_l2(images[k, :, :, :3].float().cpu(), reference(j, size))
-                    for k, j in enumerate(items)]
+            images = images.reshape(latents.shape[0], *images.shape[-3:])[..., :3].float().cpu()
+            # A NaN distance would compare as "not a copy" and end the checks: refuse it instead.
+            check_finite(images, "decoded prediction (the VAE's output)")
+            if guarded_set.pixels is not None:
+                hw = comparison_size(tuple(images.shape[1:3]), guarded_set.image_size)
+                ours, theirs = image_tiles(to_comparison(images, hw)), guarded_set.comparison_tiles(hw, DEFAULT_GRID)
+                return [float(tiled_l2_from_tiles([t[k:k + 1] for t in ours], [t[j:j + 1] for t in theirs]))
+                        for k, j in enumerate(items)]
+            for j in set(items) - decoded.keys():
+                decoded[j] = vae.decode(guarded_set.latents[j:j + 1]).reshape(1, *images.shape[1:3], -1)[0, ..., :3]
+            return [tiled_l2(images[k], decoded[j].float().cpu()) for k, j in enumerate(items)]
 
     return check
 
@@ -167,6 +183,7 @@ class MemorizationGuardModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae=None, **settings) -> io.NodeOutput:
+        check_inputs(cls, dict(settings, model=model, vae=vae))
         return io.NodeOutput(guarded_model("MemorizationGuardModel", model, vae=vae, **settings))
 
 
@@ -190,6 +207,7 @@ class MemorizationGuardGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, vae=None, **settings) -> io.NodeOutput:
+        check_inputs(cls, dict(settings, model=model, positive=positive, negative=negative, cfg=cfg, vae=vae))
         guider = comfy.samplers.CFGGuider(guarded_model("MemorizationGuardGuider", model, vae=vae, **settings))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

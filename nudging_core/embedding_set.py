@@ -341,7 +341,7 @@ def free_set_path(folder: str, name: str) -> str:
     stem = name[: -len(EXTENSION)] if name.endswith(EXTENSION) else name
     candidate = resolve_set_path(folder, stem + EXTENSION)
     counter = 1
-    while os.path.exists(candidate):
+    while os.path.lexists(candidate):   # a dangling or looping link is taken too
         candidate = resolve_set_path(folder, f"{stem}_{counter:03d}{EXTENSION}")
         counter += 1
     return candidate

@@ -52,7 +52,8 @@ def guard_loop(b: WorkflowBuilder, desired_set_node: int | None = None, alpha: f
                  size=(420, 220))
     extra = {} if desired_set_node is None else {"desired_set": (desired_set_node, 0)}
     nudge = b.add("LatentNudge", (1160, 380), latent=(sampler, 0), undesired_set=(filt, 3), alpha=alpha, beta=1.0,
-                  proximity=1.0, steps=30, learning_rate=0.1, aggregate="max", size=(420, 300), **extra)
+                  proximity=1.0, steps=30, learning_rate=0.1, aggregate="max", vae=(ckpt, 2), size=(420, 320),
+                  **extra)
     regen = b.add("KSampler", (1620, 380), title="Regenerate (nudged)", model=(ckpt, 0), positive=(pos, 0),
                   negative=(neg, 0), latent_image=(nudge, 0), seed=43, steps=20, cfg=7.5, sampler_name="euler",
                   scheduler="normal", denoise=0.3, size=(315, 262))

@@ -26,6 +26,7 @@ from shapes_world.scenes import World
 GUARDED = "guarded_images.safetensors"
 STYLE = "style_reference.safetensors"
 SHAPES_GUARDED = "shapes_items.safetensors"
+GUARDED_AT_128 = "guarded_images_128px.safetensors"   # the same photos, built at twice the generation size
 CHECKPOINT_NAME = "nudging-memorizer-sd15.safetensors"
 
 
@@ -55,6 +56,11 @@ def host(tmp_path_factory, checkpoint, shapes_checkpoint):
     sets_dir = server.dir("models", "embedding_sets")
     subprocess.run([sys.executable, "-m", "tools.build_embedding_set", images_dir, "--checkpoint", checkpoint,
                     "--out", os.path.join(sets_dir, GUARDED)], cwd=REPO, check=True)
+    images_128 = server.dir("input", "training_128")
+    for name, _caption, pixels in memorizer_data.training_items(size=128):
+        Image.fromarray(pixels).save(os.path.join(images_128, f"{name}.png"))
+    subprocess.run([sys.executable, "-m", "tools.build_embedding_set", images_128, "--checkpoint", checkpoint,
+                    "--out", os.path.join(sets_dir, GUARDED_AT_128)], cwd=REPO, check=True)
     # A "style" to pull toward: two training images other than the guarded prompt's own.
     style_dir = server.dir("style")
     for name, _caption, pixels in memorizer_data.training_items()[-2:]:

@@ -4,6 +4,9 @@ import json
 import os
 import struct
 import time
+import urllib.error
+import urllib.request
+import uuid
 
 import pytest
 import torch
@@ -69,6 +72,24 @@ def write_bad(host, name, data: bytes):
 def test_missing_set_file(host, fresh_seed):
     message = run_expecting_error(host, with_set("no_such_set.safetensors", seed=fresh_seed))
     assert "LoadEmbeddingSet" in message and "no_such_set" in message
+
+
+def test_missing_set_is_rejected_at_queue_time_with_the_fix(host, fresh_seed):
+    """LoadEmbeddingSet.validate_inputs replaces ComfyUI's bare "Value not in list": the prompt is
+    refused (HTTP 400) before anything runs, with the node, the input and the fix in the error."""
+    prompt = with_set(f"missing_{fresh_seed}.safetensors", seed=fresh_seed)
+    request = urllib.request.Request(host.url + "/prompt", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    answer = json.loads(refused.value.read())
+    errors = answer["node_errors"]["2"]["errors"]
+    assert [e["type"] for e in errors] == ["custom_validation_failed"], errors
+    details = errors[0]["details"]
+    assert f"missing_{fresh_seed}" in details and "LoadEmbeddingSet" in details and "'set_name'" in details
+    assert "build the set with SaveEmbeddingSet" in details, details
+    assert host.get("/system_stats")["system"], "server stopped answering"
 
 
 def test_truncated_set_file(host, fresh_seed):
@@ -139,10 +160,17 @@ def test_nan_in_a_latent(host, fresh_seed):
     assert "LatentNudge" in message and "NaN" in message
 
 
-def test_images_of_another_size_than_the_set(host, fresh_seed):
-    _variant_of_guarded(host, "small_pixels.safetensors", pixels=lambda s: s.pixels[:, ::2, ::2].contiguous())
-    message = run_expecting_error(host, with_set("small_pixels.safetensors", fresh_seed, "MemorizationFilter"))
-    assert "MemorizationFilter" in message and "rebuild the set" in message
+def test_a_set_at_another_size_without_pixel_copies_names_the_fix(host, fresh_seed):
+    """With the VAE connected, a set of another latent size is re-encoded from its pixel copies
+    (test_set_sizes); a set without copies cannot be, and the message says how to fix it."""
+    from conftest import CHECKPOINT_NAME
+    _variant_of_guarded(host, "no_pixels_other_size.safetensors", pixels=None,
+                        latents=lambda s: torch.zeros(len(s), 4, s.latents.shape[2] * 2, s.latents.shape[3] * 2))
+    prompt = with_set("no_pixels_other_size.safetensors", seed=fresh_seed)
+    prompt["5"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}}
+    prompt["3"]["inputs"]["vae"] = ["5", 2]
+    message = run_expecting_error(host, prompt)
+    assert "LatentNudge" in message and "'undesired_set'" in message and "store_pixels" in message, message
 
 
 def test_interrupting_a_latent_nudge_run(host, fresh_seed):
