@@ -162,7 +162,7 @@ def test_nan_in_a_latent(host, fresh_seed):
 
 def test_a_set_at_another_size_without_pixel_copies_names_the_fix(host, fresh_seed):
     """With the VAE connected, a set of another latent size is re-encoded from its pixel copies
-    (test_set_sizes); a set without copies cannot be, and the message says how to fix it."""
+    (test_guards_at_other_sizes); a set without copies cannot be, and the message says how to fix it."""
     from conftest import CHECKPOINT_NAME
     _variant_of_guarded(host, "no_pixels_other_size.safetensors", pixels=None,
                         latents=lambda s: torch.zeros(len(s), 4, s.latents.shape[2] * 2, s.latents.shape[3] * 2))
