@@ -263,10 +263,11 @@ def save_names(rng) -> list:
     outside = _PLANTED["outside"]
     refused = [f"../{t}", f"../../{t}", f"../../../tmp/{t}", f"{outside}/{t}", f"/{t}", f"//{t}",
                f"\\..\\{t}", f"a/../../{t}", f"sub/../{t}", f"outside_dir/{t}", "outside_link", "dangling",
-               "loop", LONG, "y" * 250, "a/" * 3000 + t, "\0", f"{t}\0", f"\ud800{t}", " ", "", "/",
+               LONG, "y" * 250, "a/" * 3000 + t, "\0", f"{t}\0", f"\ud800{t}", " ", "", "/",
                [1, 2, 3], f"..\\..\\{t}", f"./../{t}", f"{t}/../../{t}"]
     allowed = [GUARDED[: -len(".safetensors")], GUARDED, f"\u540d\u524d\U0001f642_{t}", f"sub/dir/{t}", f"{t}/",
                f"~/{t}", f"$HOME/{t}", f"-rf {t}", f"CON_{t}", f"a\nb{t}", "fifo", "dir", None, 5, {"a": 1},
+               "loop",   # a link loop is a taken name: saved as loop_001, the link untouched
                f"{t}.safetensors.safetensors", f"./{t}_dot", f"  {t}_spaced  ",
                ".", "..", f"{t}/..",     # "..safetensors", "...safetensors", "<t>/...safetensors": inside
                "".join(rng.choice("abc\u00e9\u4e00-_ ") for _ in range(20)) + t]
