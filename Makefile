@@ -53,6 +53,12 @@ bench-scale: host
 # shards under out/ while it runs (deleted after), about 5 minutes here. MILLION_SIZES=1000000 for the largest only.
 MILLION_SIZES ?= 10000 100000 1000000
 
+# Soak (issue #14): 300 queued prompts on one server (clean and memorized captions, both guard
+# workflows, batches, interrupts); prints the server's memory growth after warm-up and any wrong status.
+.PHONY: soak
+soak: host
+	$(PY) -m tools.soak --prompts 300 --json out/soak.json
+
 # The shapes fixture's own targets (memorizes its duplicated items, generalizes elsewhere).
 shapes-eval: host
 	$(PY) -m shapes_world.evaluate --seeds 10
