@@ -89,9 +89,7 @@ class LoadEmbeddingSet(io.ComfyNode):
     def execute(cls, set_name) -> io.NodeOutput:
         path = find_set_file("LoadEmbeddingSet", set_name)
         with user_input("LoadEmbeddingSet", "set_name"):
-            loaded = sets.load_set(path)
-            if len(loaded) == 0:
-                raise sets.NudgeInputError(f"'{set_name}' holds no items; rebuild it from at least one image")
+            loaded = sets.load_set(path)      # refuses a set without items, naming the file
         return io.NodeOutput(loaded, len(loaded))
 
 

@@ -165,6 +165,25 @@ def _is_text(value) -> bool:
     return True
 
 
+def read_raw_header(path: str, max_bytes: int) -> tuple[int, int | None, bytes | None]:
+    """(file size, header length, header bytes) of a safetensors file, trusting nothing: the length
+    is None when the file is shorter than its 8-byte prefix, the bytes None when the length is over
+    max_bytes or past the end of the file. OSError is the caller's to word."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        raw = f.read(length) if length is not None and length <= max_bytes and 8 + length <= size else None
+    return size, length, raw
+
+
+def parse_header_json(raw: bytes):
+    """The header's JSON as safetensors' own parser reads it (duplicate keys, NaN, '-0' and lone
+    surrogates refused): raises UnicodeDecodeError, ValueError or RecursionError otherwise."""
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
+                      parse_int=_natural)
+
+
 def _read_header(path: str) -> dict:
     """Parse and check the safetensors header without trusting it.
 
@@ -175,11 +194,7 @@ def _read_header(path: str) -> dict:
     """
     name = os.path.basename(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            raw = f.read(length) if length is not None and length <= MAX_HEADER_BYTES and 8 + length <= size else None
+        size, length, raw = read_raw_header(path, MAX_HEADER_BYTES)
     except OSError as exc:
         raise NudgeInputError(f"'{name}' cannot be read ({exc.strerror or exc}); check the file's permissions") from None
     if length is None:
@@ -189,8 +204,7 @@ def _read_header(path: str) -> dict:
             f"'{name}' is not a complete safetensors file (header of {length} bytes "
             f"in a {size}-byte file): it is truncated or another format; {_HINT}")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
-                            parse_int=_natural)
+        header = parse_header_json(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise NudgeInputError(f"'{name}' is not a safetensors file (unreadable header); {_HINT}") from None
     if not isinstance(header, dict):

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .embedding_set import _is_text, _natural, _refuse_constant, _unique_keys
+from .embedding_set import _is_text, _refuse_constant, _unique_keys, parse_header_json, read_raw_header
 from .errors import NudgeInputError
 from .tiled_l2 import COMPARISON_SIZE, DEFAULT_GRID, image_tiles, tiled_l2_from_tiles, to_comparison
 
@@ -164,18 +164,13 @@ def _read_shard(path: str, size: int, expect: int | None = None) -> _Shard:
     """Check a shard's header against the layout this module writes, before any data is read."""
     name = os.path.basename(path)
     try:
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            raw = fh.read(length) if length is not None and length <= 1 << 20 and 8 + length <= file_size else None
+        file_size, length, raw = read_raw_header(path, 1 << 20)
     except OSError as exc:
         raise NudgeInputError(f"guard shard '{name}' cannot be read ({exc.strerror or exc}); {_HINT}") from None
     if raw is None:
         raise NudgeInputError(f"guard shard '{name}' is empty, truncated or not a safetensors file; {_HINT}")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
-                            parse_int=_natural)
+        header = parse_header_json(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise NudgeInputError(f"guard shard '{name}' has an unreadable header; {_HINT}") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
