@@ -5,7 +5,8 @@ check_pixels compares a generated image with every guarded copy (49 KB of floats
 the same answer, and pays the full cost only for the few items that can still be within the
 threshold.
 
-What is stored (a folder; `build_sharded_guard` writes it, `GuardIndex.open` reads it):
+What is stored (a folder; `build_sharded_guard` writes it, and guard_build writes the same bytes from
+image files on Ray; `GuardIndex.open` reads it):
   guard.json                  manifest: format, version, item count, comparison size, shard list
   shard_00000.safetensors ... per shard of up to `shard_size` items (65536 by default):
       pixels  U8  [n, S, S, 3]  the items' comparison copies (S = 64: 12 KB an item)
@@ -219,9 +220,11 @@ def _describe(entry) -> str:
     return f"{str(entry.get('dtype'))[:8]} {str(entry.get('shape'))[:60]}"
 
 
-class _ShardWriter:
+class ShardWriter:
     """One shard written as its items arrive: pixel rows stream to disk behind a fixed-size header,
-    the means (4 % of the bytes) are kept and appended at the end; then the file is renamed into place."""
+    the means (4 % of the bytes) are kept and appended at the end; then the file is renamed into place.
+    Public so that builders elsewhere (guard_build) write the very same files; `add` takes comparison
+    copies as `comparison_copy` makes them."""
 
     def __init__(self, path: str, size: int, index: int):
         self.path, self.size, self.index, self.count = path, size, index, 0
@@ -247,6 +250,13 @@ class _ShardWriter:
         self.fh.close()
         os.replace(self.partial, self.path)
 
+    def abort(self) -> None:
+        """Close and delete the unfinished file (an interrupted build leaves nothing half-written)."""
+        if not self.fh.closed:
+            self.fh.close()
+        if os.path.exists(self.partial):
+            os.remove(self.partial)
+
 
 def _as_copy_batch(batch: list, size: int) -> torch.Tensor:
     """uint8 [n, S, S, 3] comparison copies of same-shaped uint8 [H, W, C>=3] items."""
@@ -257,19 +267,50 @@ def _as_copy_batch(batch: list, size: int) -> torch.Tensor:
     return (averaged * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _item(image, index: int, size: int) -> torch.Tensor:
+def _item(image, label: str, size: int) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image.detach().cpu()
     if tensor.dtype != torch.uint8 or tensor.ndim != 3 or tensor.shape[2] < 3:
-        raise NudgeInputError(f"guard item {index} is {tensor.dtype} {tuple(tensor.shape)}; items must be uint8 "
+        raise NudgeInputError(f"{label} is {tensor.dtype} {tuple(tensor.shape)}; items must be uint8 "
                               "[height, width, 3] images")
     if tensor.shape[0] < size or tensor.shape[1] < size:
-        raise NudgeInputError(f"guard item {index} is {tensor.shape[1]}x{tensor.shape[0]}, smaller than the "
+        raise NudgeInputError(f"{label} is {tensor.shape[1]}x{tensor.shape[0]}, smaller than the "
                               f"comparison size {size}x{size}; build with a smaller size or leave it out")
     return tensor
 
 
-def _shard_path(folder: str, index: int) -> str:
+def comparison_copy(image, size: int = COMPARISON_SIZE, label: str = "guard item") -> torch.Tensor:
+    """uint8 [S, S, 3]: the copy build_sharded_guard stores for one item (uint8 [H, W, >=3]), the same
+    bytes whether it is made alone or in a batch. Public so that builders elsewhere (guard_build, on Ray
+    workers) make it; `label` names the item in the error for a wrong dtype or a too-small image."""
+    return _as_copy_batch([_item(image, label, size)], size)[0]
+
+
+def shard_path(folder: str, index: int) -> str:
+    """Where build_sharded_guard puts shard `index` (the manifest lists it by this file name)."""
     return os.path.join(folder, f"shard_{index:05d}.safetensors")
+
+
+def check_build_args(shard_size: int, size: int) -> None:
+    """Refuse a comparison size or shard size the guard format cannot hold, before any work is done."""
+    if size % CELLS or not CELLS <= size <= 1024:
+        raise NudgeInputError(f"comparison size {size} must be a multiple of {CELLS} between {CELLS} and 1024")
+    if type(shard_size) is not int or shard_size < 1:
+        raise NudgeInputError(f"shard size {shard_size!r} must be a positive integer")
+
+
+def write_manifest(folder: str, shards: list[dict], size: int, shard_size: int) -> dict:
+    """Write guard.json for `shards` ([{"file", "count"}], in order), atomically: written last, it is
+    what makes a build openable. Returns the manifest."""
+    done = sum(s["count"] for s in shards)
+    if done == 0:
+        raise NudgeInputError("no items to guard; pass at least one image")
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "count": done, "size": size,
+                "grid": DEFAULT_GRID, "shard_size": shard_size, "shards": shards}
+    partial = os.path.join(folder, MANIFEST + ".partial")
+    with open(partial, "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+    os.replace(partial, os.path.join(folder, MANIFEST))
+    return manifest
 
 
 def build_sharded_guard(folder: str, items, shard_size: int = DEFAULT_SHARD_SIZE, size: int = COMPARISON_SIZE,
@@ -282,21 +323,18 @@ def build_sharded_guard(folder: str, items, shard_size: int = DEFAULT_SHARD_SIZE
     hold); an interrupted shard is written again. The manifest is written last, so an interrupted
     build cannot be opened. `progress(done)` is called after each shard. Returns the manifest.
     """
-    if size % CELLS or not CELLS <= size <= 1024:
-        raise NudgeInputError(f"comparison size {size} must be a multiple of {CELLS} between {CELLS} and 1024")
-    if type(shard_size) is not int or shard_size < 1:
-        raise NudgeInputError(f"shard size {shard_size!r} must be a positive integer")
+    check_build_args(shard_size, size)
     os.makedirs(folder, exist_ok=True)
     iterator, shards, done, index = iter(items), [], 0, 0
     while True:
-        path = _shard_path(folder, index)
-        kept = _existing_shard(path, size, shard_size)
+        path = shard_path(folder, index)
+        kept = existing_shard(path, size, shard_size)
         if kept is not None:
             first = next(iterator, None)
             if first is None:
                 break
             stored = torch.from_numpy(_read_rows(kept, "pixels", np.array([0]), (size, size, 3), np.uint8))
-            if not torch.equal(_as_copy_batch([_item(first, done, size)], size), stored):
+            if not torch.equal(_as_copy_batch([_item(first, f"guard item {done}", size)], size), stored):
                 raise NudgeInputError(f"'{os.path.basename(path)}' in the guard folder holds other items than these; "
                                       "build into an empty folder")
             skipped = 1 + sum(1 for _ in zip(range(shard_size - 1), iterator))
@@ -314,18 +352,12 @@ def build_sharded_guard(folder: str, items, shard_size: int = DEFAULT_SHARD_SIZE
             progress(done)
         if count < shard_size:
             break
-    if done == 0:
-        raise NudgeInputError("no items to guard; pass at least one image")
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "count": done, "size": size,
-                "grid": DEFAULT_GRID, "shard_size": shard_size, "shards": shards}
-    partial = os.path.join(folder, MANIFEST + ".partial")
-    with open(partial, "w") as fh:
-        json.dump(manifest, fh, indent=1, sort_keys=True)
-    os.replace(partial, os.path.join(folder, MANIFEST))
-    return manifest
+    return write_manifest(folder, shards, size, shard_size)
 
 
-def _existing_shard(path: str, size: int, shard_size: int) -> _Shard | None:
+def existing_shard(path: str, size: int, shard_size: int) -> _Shard | None:
+    """The finished shard at `path` when it holds `shard_size` items of this layout, else None (missing,
+    interrupted, truncated or foreign: to be written again). What makes a build resumable."""
     if not os.path.isfile(path):
         return None
     try:
@@ -342,15 +374,15 @@ def _write_shard(path: str, iterator, shard_size: int, size: int, index: int, fi
             image = next(iterator, None)
             if image is None:
                 break
-            item = _item(image, first + k, size)
+            item = _item(image, f"guard item {first + k}", size)
             if batch and (item.shape != shape or len(batch) == _BATCH):
-                writer = writer or _ShardWriter(path, size, index)
+                writer = writer or ShardWriter(path, size, index)
                 writer.add(_as_copy_batch(batch, size))
                 batch = []
             batch.append(item)
             shape = item.shape
         if batch:
-            writer = writer or _ShardWriter(path, size, index)
+            writer = writer or ShardWriter(path, size, index)
             writer.add(_as_copy_batch(batch, size))
         if writer is None:
             return 0
