@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..nudging_core.embedding_set import EmbeddingSet, check_latent_compatible, encoder_identity
 from ..nudging_core.errors import NudgeInputError
+from ..nudging_core.index_guard import IndexGuard
 from ..nudging_core.memorization import Verdict
 from ..nudging_core.set_sizes import latents_for
 
@@ -17,6 +18,7 @@ SET_FOLDER = "embedding_sets"
 
 EmbeddingSetType = io.Custom("EMBEDDING_SET")
 VerdictType = io.Custom("MEMORIZATION_VERDICT")
+GuardIndexType = io.Custom("NUDGE_GUARD_INDEX")
 
 
 class NudgeNodeError(ValueError):
@@ -79,6 +81,7 @@ _SOCKETS = {
     "CLIP_VISION": (lambda v: hasattr(v, "encode_image"), "a CLIP_VISION model"),
     "EMBEDDING_SET": (lambda v: isinstance(v, EmbeddingSet), "an EMBEDDING_SET"),
     "MEMORIZATION_VERDICT": (lambda v: isinstance(v, Verdict), "MemorizationFilter's verdicts"),
+    "NUDGE_GUARD_INDEX": (lambda v: isinstance(v, IndexGuard), "a guard index from LoadGuardIndex"),
 }
 
 

@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from comfy_api.latest import io, ui
 
 from ..nudging_core import embedding_set as sets
+from ..nudging_core.guard_index import MANIFEST
 from .common import CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, check_inputs, user_input
 
 
@@ -22,7 +23,9 @@ def list_set_names() -> list[str]:
         names = folder_paths.get_filename_list(SET_FOLDER)
     except KeyError:
         return []
-    return [n for n in names if n.endswith(sets.EXTENSION)]
+    # A guard index's shards are safetensors files too, but not sets: Load Guard Index lists their folder.
+    guard_folders = {os.path.dirname(n) for n in names if os.path.basename(n) == MANIFEST}
+    return [n for n in names if n.endswith(sets.EXTENSION) and os.path.dirname(n) not in guard_folders]
 
 
 def find_set_file(node_id: str, name: str) -> str:
@@ -177,6 +180,11 @@ class SaveEmbeddingSet(io.ComfyNode):
         if len(embedding_set) == 0:
             raise NudgeNodeError("SaveEmbeddingSet: input 'embedding_set': the set holds no items (nothing was "
                                  "flagged?); LoadEmbeddingSet would refuse the file, so nothing is saved")
+        if 0 in embedding_set.latent_shape:
+            raise NudgeNodeError("SaveEmbeddingSet: input 'embedding_set': the set holds no latents (its items came "
+                                 "from a guard index, which keeps only small comparison copies); LoadEmbeddingSet would "
+                                 "refuse the file, so nothing is saved. Build a set from the images themselves with "
+                                 "Build Embedding Set")
         name = set_name.strip()
         parts = name.replace("\\", "/").split("/")
         if not name or len(parts) > MAX_SUBFOLDERS or max(len(p.encode("utf-8", "replace")) for p in parts) > 200:

@@ -324,29 +324,32 @@ def load_set(path: str) -> EmbeddingSet:
     )
 
 
-def resolve_set_path(folder: str, name: str) -> str:
+def resolve_set_path(folder: str, name: str, what: str = "set") -> str:
     """The path of set `name` inside `folder`; names that would leave the folder are refused.
 
     Names come from workflow JSON: NUL bytes and lone surrogates, which the OS cannot take, are
-    refused here rather than left to fail as a ValueError inside os.path.realpath.
+    refused here rather than left to fail as a ValueError inside os.path.realpath. `what` names the
+    kind of thing in the messages (a guard index's folder is resolved by the same rules).
     """
     if not isinstance(name, str) or not name.strip():
-        raise NudgeInputError("no set name given; pick a set from the list")
+        raise NudgeInputError(f"no {what} name given; pick a {what} from the list")
     try:
         os.fsencode(name)               # a lone surrogate does not encode
         bad_chars = "\0" in name
     except UnicodeEncodeError:
         bad_chars = True
     if bad_chars:
-        raise NudgeInputError(f"set name {name[:80]!r} holds characters no file name can have; pick a set from the list")
+        raise NudgeInputError(f"{what} name {name[:80]!r} holds characters no file name can have; pick a {what} from "
+                              "the list")
     if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
-        raise NudgeInputError(f"set name '{name}' must be a plain name inside the embedding_sets folder (no '..', no absolute path)")
+        raise NudgeInputError(f"{what} name '{name}' must be a plain name inside the embedding_sets folder (no '..', "
+                              "no absolute path)")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath([root, path]) != root:
-        raise NudgeInputError(f"set name '{name}' points outside the embedding_sets folder")
+        raise NudgeInputError(f"{what} name '{name}' points outside the embedding_sets folder")
     if path == root:
-        raise NudgeInputError(f"set name '{name}' names the embedding_sets folder itself; pick a set from the list")
+        raise NudgeInputError(f"{what} name '{name}' names the embedding_sets folder itself; pick a {what} from the list")
     return path
 
 

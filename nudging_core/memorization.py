@@ -1,6 +1,7 @@
 """Per-image memorization verdicts and the per-image merge that ConditionalRegenerate does."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,24 +26,56 @@ class Verdict:
     guarded: EmbeddingSet = field(repr=False)
     clip_cosines: list[float] | None = None
     clip_threshold: float | None = None
+    # A guard index checked too (index_guard.IndexGuard; anything with check(images, threshold) ->
+    # (distances, indices), a label and a length): `guarded` then holds the set, if any, and of the
+    # index only the items matched, and recheck searches the whole index again. distance_at_least[b]
+    # is True where no item was within the threshold and no set gave a distance: distances[b] then
+    # holds the threshold, a lower bound.
+    index: object | None = field(default=None, repr=False)
+    distance_at_least: list[bool] | None = None
 
     @property
     def any_flagged(self) -> bool:
         return any(self.flagged)
+
+    def recheck(self, images: torch.Tensor) -> tuple[list[bool], list[float]]:
+        """(flagged, distance) of each image against everything this verdict was decided on: the
+        guarded set (with the matched index items) and, when there is one, the whole guard index."""
+        n = images.shape[0]
+        flagged, distances = [False] * n, [math.inf] * n
+        if len(self.guarded):
+            again = check_pixels(images, self.guarded, self.threshold)
+            flagged, distances = list(again.flagged), list(again.distances)
+        if self.index is not None:
+            index_distances, index_items = self.index.check(images, self.threshold)
+            for k in range(n):
+                if index_items[k] >= 0:
+                    flagged[k] = True
+                    distances[k] = min(distances[k], float(index_distances[k]))
+        # Unknown beyond the threshold (nothing guarded within it): the threshold, a lower bound.
+        return flagged, [d if math.isfinite(d) else float(self.threshold) for d in distances]
 
     def matched_set(self) -> EmbeddingSet:
         """The guarded items that flagged images matched, each tagged with its image."""
         owners = [b for b, hit in enumerate(self.flagged) if hit]
         return self.guarded.subset([self.nearest_index[b] for b in owners], owners=owners)
 
+    def at_least(self, b: int) -> bool:
+        return bool(self.distance_at_least and self.distance_at_least[b])
+
     def as_json(self) -> dict:
         images = []
         for b, hit in enumerate(self.flagged):
             entry = {"index": b, "flagged": hit, "distance": round(self.distances[b], 5), "nearest": self.nearest[b]}
+            if self.at_least(b):
+                entry["at_least"] = True
             if self.clip_cosines is not None:
                 entry["clip_cosine"] = round(self.clip_cosines[b], 5)
             images.append(entry)
-        return {"threshold": self.threshold, "any_flagged": self.any_flagged, "images": images}
+        out = {"threshold": self.threshold, "any_flagged": self.any_flagged, "images": images}
+        if self.index is not None:
+            out["guard_index"] = {"name": self.index.label, "items": len(self.index)}
+        return out
 
 
 def check_pixels(images: torch.Tensor, guarded: EmbeddingSet, threshold: float, grid: int = DEFAULT_GRID,
@@ -85,10 +118,15 @@ def check_pixels(images: torch.Tensor, guarded: EmbeddingSet, threshold: float, 
 
 def format_report(verdict: Verdict) -> str:
     lines = [f"threshold {verdict.threshold:g} (tiled L2, max over 4x4 tiles)"]
+    if verdict.index is not None:
+        lines[0] += f"; guard index '{verdict.index.label}' ({len(verdict.index)} items)"
     for b, hit in enumerate(verdict.flagged):
         mark = "FLAGGED" if hit else "passed"
         extra = f", clip cos {verdict.clip_cosines[b]:.3f}" if verdict.clip_cosines is not None else ""
-        lines.append(f"image {b}: {mark}  distance {verdict.distances[b]:.4f} to '{verdict.nearest[b]}'{extra}")
+        if verdict.at_least(b):
+            lines.append(f"image {b}: {mark}  no guarded item within {verdict.threshold:g}{extra}")
+        else:
+            lines.append(f"image {b}: {mark}  distance {verdict.distances[b]:.4f} to '{verdict.nearest[b]}'{extra}")
     lines.append(f"{sum(verdict.flagged)} of {len(verdict.flagged)} flagged")
     return "\n".join(lines)
 
@@ -124,9 +162,10 @@ def merge_regenerated(original: torch.Tensor, verdict: Verdict, regenerated: tor
     statuses = [PASSED] * len(verdict.flagged)
     after: list[float | None] = [None] * len(verdict.flagged)
     replacements = regenerated[flagged_rows] if whole_batch else regenerated
-    recheck = check_pixels(replacements.to(original.device), verdict.guarded, verdict.threshold)
+    # Against everything the verdict was decided on (a guard index's every item included).
+    still, distances = verdict.recheck(replacements.to(original.device))
     for k, b in enumerate(flagged_rows):
         out[b] = replacements[k].to(out.dtype)
-        statuses[b] = STILL_FLAGGED if recheck.flagged[k] else REGENERATED
-        after[b] = recheck.distances[k]
+        statuses[b] = STILL_FLAGGED if still[k] else REGENERATED
+        after[b] = distances[k]
     return MergeResult(out, statuses, after)

@@ -1,7 +1,8 @@
 """A real ComfyUI server for the whole integration session, with the pack linked in.
 
 The model is the project's own memorizer (built from memorizer/weights in seconds, cached);
-the guarded set is built from its training images with the command-line builder. The shapes
+the guarded set is built from its training images with the command-line builder, and a guard
+index of 200 items (those images among smooth random ones) with build_sharded_guard. The shapes
 fixture (shapes_world/weights) is linked in beside it.
 """
 from __future__ import annotations
@@ -14,12 +15,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from host.comfy_host import CACHE, REPO, ComfyHost, output_paths
 from host.workflow import configure_txt2img, ui_to_api
 from memorizer import data as memorizer_data
 from memorizer.build_checkpoint import ensure_checkpoint
+from nudging_core.guard_index import build_sharded_guard
 from shapes_world import build_checkpoint as shapes_checkpoint_builder
 from shapes_world.scenes import World
 
@@ -28,6 +31,23 @@ STYLE = "style_reference.safetensors"
 SHAPES_GUARDED = "shapes_items.safetensors"
 GUARDED_AT_128 = "guarded_images_128px.safetensors"   # the same photos, built at twice the generation size
 CHECKPOINT_NAME = "nudging-memorizer-sd15.safetensors"
+GUARD_INDEX = "guard_index_200"        # a guard index folder in models/embedding_sets (LoadGuardIndex)
+GUARD_INDEX_ITEMS = 200
+GUARD_INDEX_FIRST_PHOTO = 100          # the memorizer's photos are items 100-107 (in the second of four shards)
+
+
+def guard_index_items() -> tuple[list[np.ndarray], list[str]]:
+    """The index's items and names: smooth random 64x64 images, with the memorizer's training photos
+    in the middle (so a hit comes from a shard other than the first)."""
+    g = torch.Generator().manual_seed(12)
+    small = torch.rand(GUARD_INDEX_ITEMS, 3, 8, 8, generator=g)
+    fillers = torch.nn.functional.interpolate(small, size=(memorizer_data.RESOLUTION,) * 2, mode="bilinear",
+                                              align_corners=False)
+    items = list((fillers * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    names = [f"filler_{i:03d}.png" for i in range(GUARD_INDEX_ITEMS)]
+    for k, (name, _caption, pixels) in enumerate(memorizer_data.training_items()):
+        items[GUARD_INDEX_FIRST_PHOTO + k], names[GUARD_INDEX_FIRST_PHOTO + k] = np.array(pixels), f"photos/{name}.png"
+    return items, names
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +94,11 @@ def host(tmp_path_factory, checkpoint, shapes_checkpoint):
         Image.fromarray(world.item_image(item)).save(os.path.join(shapes_dir, f"{item.name}.png"))
     subprocess.run([sys.executable, "-m", "tools.build_embedding_set", shapes_dir, "--checkpoint", shapes_checkpoint,
                     "--out", os.path.join(sets_dir, SHAPES_GUARDED)], cwd=REPO, check=True)
+    # A guard index, as guard_build lays one out: shards, guard.json and items.txt (one name a line).
+    items, names = guard_index_items()
+    build_sharded_guard(os.path.join(sets_dir, GUARD_INDEX), items, shard_size=64)
+    with open(os.path.join(sets_dir, GUARD_INDEX, "items.txt"), "w", encoding="utf-8") as fh:
+        fh.write("".join(name + "\n" for name in names))
     server.start()
     yield server
     server.stop()

@@ -5,8 +5,8 @@ hostile value, chosen from the input's type and limits in /object_info, determin
 (NUDGE_HOSTILE_SEED, default 14): wrong types (strings, lists, dicts, null where a number or a
 link belongs), NaN and +-inf (Python's json writes them and ComfyUI's reads them), huge and
 negative numbers, combo values that are not options, links to missing nodes, to missing outputs
-and to outputs of another type, set names with '..', absolute paths, symlinks that leave the set
-folder, NUL bytes, lone surrogates and 100,000-character strings, SaveEmbeddingSet names that try
+and to outputs of another type, set and guard index names with '..', absolute paths, symlinks that
+leave the set folder, NUL bytes, lone surrogates and 100,000-character strings, SaveEmbeddingSet names that try
 to leave the folder or overwrite a set; and upstream changes the nodes must survive (batches of
 100,000 and 4096, 16384-pixel and 5-D video latents, 16-channel latents, RGBA and 4-pixel images).
 
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import stat
 import time
 import urllib.error
@@ -35,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import CHECKPOINT_NAME, GUARDED
+from conftest import CHECKPOINT_NAME, GUARD_INDEX, GUARDED
 from memorizer import data as memorizer_data
 
 from host.comfy_host import COMFY_DIR, PACK_NAME, REPO
@@ -114,6 +115,9 @@ def base_graph(node: str) -> dict:
              "desired_strength": 0.75}
     if node == "LoadEmbeddingSet":
         p = {"10": {"class_type": node, "inputs": {"set_name": GUARDED}},
+             "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}}
+    elif node == "LoadGuardIndex":
+        p = {"10": {"class_type": node, "inputs": {"guard_name": GUARD_INDEX}},
              "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}}
     elif node == "BuildEmbeddingSet":
         p["12"] = {"class_type": "EmptyImage", "inputs": {"width": RES, "height": RES, "batch_size": 2, "color": 4242}}
@@ -288,6 +292,22 @@ def load_names() -> list:
     return [(n, True) for n in refused] + [(n, False) for n in allowed]
 
 
+def guard_names() -> list:
+    """Guard index names: the set names' escapes, plus a link to a real index outside the folder,
+    a set file, an index's own files and a folder that holds no guard.json."""
+    outside = _PLANTED["outside"]
+    sets = _PLANTED["sets"]
+    refused = [f"../{GUARD_INDEX}", f"../../models/embedding_sets/{GUARD_INDEX}", os.path.join(sets, GUARD_INDEX),
+               os.path.join(outside, "guard"), "outside_guard", "outside_dir/guard", "outside_dir",
+               "dangling.safetensors", "loop.safetensors", f"sub/../{GUARD_INDEX}", f"{GUARD_INDEX}/..",
+               GUARD_INDEX + "\0", "\0", "", " ", LONG, "x" * 255, "\ud800", GUARD_INDEX.upper(), "//etc",
+               "\\..\\..\\etc", "file:///etc", f"~/{GUARD_INDEX}", "$HOME", ".", "..", "/", "/dev/zero", "/proc/self",
+               "fifo.safetensors", "dir.safetensors", GUARDED, f"{GUARD_INDEX}/guard.json",
+               f"{GUARD_INDEX}/shard_00000.safetensors", None, 5, [1, 2, 3], {"a": 1}, [], ["999", 0]]
+    allowed = [GUARD_INDEX, f"./{GUARD_INDEX}", f"{GUARD_INDEX}/", {"__value__": GUARD_INDEX}]
+    return [(n, True) for n in refused] + [(n, False) for n in allowed]
+
+
 # --- the cases -------------------------------------------------------------------------------
 
 def input_specs(object_info: dict, node: str):
@@ -307,6 +327,8 @@ def cases_for(node: str, object_info: dict, rng: random.Random) -> list[Case]:
     for name, kind, extra, required in input_specs(object_info, node):
         if node == "LoadEmbeddingSet" and name == "set_name":
             values = load_names()
+        elif node == "LoadGuardIndex" and name == "guard_name":
+            values = guard_names()
         elif kind == "FLOAT":
             values = _float_values(extra.get("min"), extra.get("max"), rng)
         elif kind == "INT":
@@ -362,6 +384,23 @@ def upstream_cases(node: str, base: dict, object_info: dict) -> list[Case]:
             "20": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": RES, "height": RES}},
             "21": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["7", 0], "alpha": ["20", 0]}}})
         add("RGBA images", with_input(rgba, "10", "images", ["21", 0]), False)
+        # The guard index path (not in the base graph: a 4096-image batch searched one image at a time
+        # would dominate the run).
+        indexed = graft(base, {"22": {"class_type": "LoadGuardIndex", "inputs": {"guard_name": GUARD_INDEX}}})
+        indexed = with_input(indexed, "10", "guard_index", ["22", 0])
+        index_only = with_input(indexed, "10", "guarded_set", _MISSING)
+        add("guard index and set", indexed, False)
+        add("guard index alone", index_only, False)
+        add("guard index alone, threshold 0", with_input(index_only, "10", "threshold", 0.0), False)
+        add("guard index alone, threshold 1 (everything flagged)", with_input(index_only, "10", "threshold", 1.0),
+            False)
+        add("neither a set nor a guard index", with_input(base, "10", "guarded_set", _MISSING), True)
+        add("guard index, images 16x16 (under its 64x64)", graft(index_only, {"7": {"class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 1}}}), True)
+        add("guard index, RGBA images", with_input(graft(index_only, {
+            "20": rgba["20"], "21": rgba["21"]}), "10", "images", ["21", 0]), False)
+        add("guard index, EmptyImage 96x64 batch 8", graft(index_only, {"7": {"class_type": "EmptyImage",
+            "inputs": {"width": 96, "height": 64, "batch_size": 8, "color": 7}}}), False)
     if node == "BuildEmbeddingSet":
         for w, h, refuse in ((4, RES, True), (1, 1, True), (7, 7, True), (8, 8, False)):
             add(f"EmptyImage {w}x{h}", graft(base, {"12": {"class_type": "EmptyImage", "inputs": {
@@ -380,6 +419,11 @@ def upstream_cases(node: str, base: dict, object_info: dict) -> list[Case]:
                                                                       "threshold": 0.0}},
                  "10": {"class_type": node, "inputs": {"embedding_set": ["8", 3], "set_name": f"{TOKEN}_empty"}}}
         add("an empty matched set (nothing flagged)", empty, True)
+        from_index = copy.deepcopy(empty)
+        from_index["22"] = {"class_type": "LoadGuardIndex", "inputs": {"guard_name": GUARD_INDEX}}
+        from_index["8"]["inputs"] = {"images": ["7", 0], "guard_index": ["22", 0], "threshold": 1.0}
+        from_index["10"]["inputs"]["set_name"] = f"{TOKEN}_from_index"
+        add("a matched set from a guard index (no latents)", from_index, True)
     if node == "ConditionalRegenerate":
         add("regenerated 32x32", graft(base, {"12": {"class_type": "EmptyImage", "inputs": {
             "width": 32, "height": 32, "batch_size": 1, "color": 0}}}), True)
@@ -471,9 +515,10 @@ def plant(host, outside: str):
     with open(os.path.join(sets, GUARDED), "rb") as src, open(os.path.join(outside, "victim.safetensors"), "wb") as dst:
         dst.write(src.read())
     before = snapshot(sets)
+    shutil.copytree(os.path.join(sets, GUARD_INDEX), os.path.join(outside, "guard"))   # a real index outside
     for name, target in (("outside_link.safetensors", os.path.join(outside, "victim.safetensors")),
                          ("outside_dir", outside), ("dangling.safetensors", os.path.join(outside, "gone.safetensors")),
-                         ("loop.safetensors", "loop.safetensors")):
+                         ("loop.safetensors", "loop.safetensors"), ("outside_guard", os.path.join(outside, "guard"))):
         os.symlink(target, os.path.join(sets, name))
     os.mkfifo(os.path.join(sets, "fifo.safetensors"))
     os.mkdir(os.path.join(sets, "dir.safetensors"))

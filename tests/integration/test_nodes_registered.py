@@ -5,8 +5,9 @@ import urllib.request
 
 from host.comfy_host import PACK_NAME, REPO
 
-PACK_NODES = ["LoadEmbeddingSet", "BuildEmbeddingSet", "SaveEmbeddingSet", "MemorizationFilter", "LatentNudge",
-              "NudgeRegenerate", "ConditionalRegenerate", "MemorizationGuardModel", "MemorizationGuardGuider"]
+PACK_NODES = ["LoadEmbeddingSet", "BuildEmbeddingSet", "SaveEmbeddingSet", "LoadGuardIndex", "MemorizationFilter",
+              "LatentNudge", "NudgeRegenerate", "ConditionalRegenerate", "MemorizationGuardModel",
+              "MemorizationGuardGuider"]
 
 
 def test_object_info_lists_every_node_with_description_and_tooltips(object_info):
