@@ -3,13 +3,24 @@ from __future__ import annotations
 
 import json
 
+import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..nudging_core.memorization import PASSED, STILL_FLAGGED, Verdict, merge_regenerated
+from ..nudging_core.preview_retention import PreviewRetention
 from .common import CATEGORY, VerdictType, check_inputs, user_input
 
 STILL_FLAGGED_ACTIONS = ("report", "blank")
+
+# Before/after previews go to ComfyUI's temp/, which ComfyUI empties only at startup: a server left
+# running wrote one file per image per flagged run (202 in a 300-prompt soak). Each node keeps the
+# previews of its last 8 runs that wrote any (the canvas shows the latest; the queue panel's recent
+# entries still open) and deletes its own older ones. Up to 64 node ids are remembered, so temp/
+# holds at most 64 x 8 runs of these previews however often graphs change.
+PREVIEW_RUNS_KEPT = 8
+PREVIEW_NODES_KEPT = 64
+_previews = PreviewRetention(PREVIEW_RUNS_KEPT, PREVIEW_NODES_KEPT)   # server-lifetime, like temp/ itself
 
 
 class ConditionalRegenerate(io.ComfyNode):
@@ -38,6 +49,7 @@ class ConditionalRegenerate(io.ComfyNode):
                 io.Boolean.Output(display_name="all_clear", tooltip="False when any output image is still flagged."),
                 io.Int.Output(display_name="regenerated_count", tooltip="How many images were replaced."),
             ],
+            hidden=[io.Hidden.unique_id],   # the node id its previews are kept under
         )
 
     @classmethod
@@ -76,7 +88,9 @@ class ConditionalRegenerate(io.ComfyNode):
         if replaced:
             # Before/after thumbnails: the flagged originals, then their replacements.
             pairs = torch.cat([images[replaced], out[replaced]], dim=0)
-            ui_out.update(ui.PreviewImage(pairs, cls=cls).as_dict())
+            preview = ui.PreviewImage(pairs, cls=cls).as_dict()
+            _previews.keep(cls.hidden.unique_id, preview["images"], folder_paths.get_temp_directory())
+            ui_out.update(preview)
         return io.NodeOutput(out, status_text, all_clear, len(replaced), ui=ui_out)
 
 
