@@ -40,7 +40,7 @@ def desired_prompt_inputs(effect: str, strength_tooltip: str) -> list:
         io.Conditioning.Input("desired_positive", optional=True,
                               tooltip="Recommended: the prompt re-worded without what makes the image a copy (a "
                                       "title, a name), from a CLIPTextEncode. " + effect),
-        io.Float.Input("desired_strength", default=0.75, min=0.0, max=1.0, step=0.05, optional=True,
+        io.Float.Input("desired_strength", default=0.9, min=0.0, max=1.0, step=0.05, optional=True,
                        tooltip=strength_tooltip),
     ]
 

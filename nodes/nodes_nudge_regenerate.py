@@ -95,7 +95,7 @@ class NudgeRegenerate(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, latent, verdicts, seed, steps, cfg, sampler_name, scheduler,
                 denoise, beta, proximity, nudge_steps, learning_rate, max_attempts, growth,
-                denoise_decay, desired_positive=None, desired_strength=0.75, desired_denoise=1.0,
+                denoise_decay, desired_positive=None, desired_strength=0.9, desired_denoise=1.0,
                 escape_margin=1.5) -> io.NodeOutput:
         check_inputs(cls, locals())
         samples = latent["samples"]

@@ -49,7 +49,7 @@ def guard_inputs() -> list:
 
 
 def guarded_model(node_id, model, guarded_set, cos_threshold, start_percent, end_percent, pixel_checks,
-                  copy_threshold, vae=None, desired_positive=None, desired_strength=0.75):
+                  copy_threshold, vae=None, desired_positive=None, desired_strength=0.9):
     """A clone of `model` whose post-CFG prediction passes through a SamplingGuard (and, with a
     desired prompt, whose model calls give caught images the moved conditioning)."""
     with user_input(node_id, "guarded_set"):

@@ -16,7 +16,9 @@ paraphrase without what makes the image a copy, e.g. without a title or a name),
 
 On the fixture, strength 0.5 still reproduced near-copies, 0.75 and 1.0 none, with the model's own
 relevance for the paraphrase; switching at sampler step 1, 2 or 4 of 20 escaped the same way, so
-the single-pass guard can switch inside the pass at no extra model cost. Pure torch.
+the single-pass guard can switch inside the pass at no extra model cost. Judged over more seeds by
+the bench's near-copy test, the quarter of the flagged prompt that 0.75 leaves in still drew the
+item's layout (single pass: 12.5 % near-copies; 0.9: 2.5 %), hence the nodes' default of 0.9. Pure torch.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def toward_desired(cond: torch.Tensor, desired: torch.Tensor, strength: float) -
 
 def escalated_strength(strength: float, attempt: int, growth: float) -> float:
     """Strength of attempt k (0-based): the distance left to the desired prompt shrinks by `growth`
-    each time (0.75 -> 0.875 -> 0.94 at growth 2), never past the desired prompt itself."""
+    each time (0.9 -> 0.95 -> 0.975 at growth 2), never past the desired prompt itself."""
     if attempt <= 0 or growth <= 1.0:
         return strength
     return 1.0 - (1.0 - strength) / growth ** attempt

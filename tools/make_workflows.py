@@ -24,7 +24,7 @@ GUARD_NOTE = (
     "Memorization guard (SD 1.4). The first KSampler generates; MemorizationFilter compares the image with the "
     "guarded set (tiled L2 < 0.1 = a copy). Only when it fires does ConditionalRegenerate ask for its lazy input: "
     "NudgeRegenerate re-noises the flagged image most of the way (desired_denoise 0.8) and samples it again with the "
-    "prompt embedding moved 75 % of the way toward the Desired prompt (the same request without the name that makes "
+    "prompt embedding moved 90 % of the way toward the Desired prompt (the same request without the name that makes "
     "the model copy). A memorized copy is "
     "decided by the prompt in the first steps, so nudging the finished latent only blurs it; moving the prompt gives "
     "a new image. An attempt counts only when it clears the threshold by escape_margin (1.5x); otherwise it is "
@@ -77,7 +77,7 @@ def memorization_guard(info: dict) -> dict:
                   vae=(ckpt, 2), latent=(sampler, 0), verdicts=(filt, 0), desired_positive=(desired, 0), seed=43,
                   steps=20, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=0.3, beta=1.0, proximity=1.0,
                   nudge_steps=30, learning_rate=0.05, max_attempts=4, growth=2.0, denoise_decay=0.8,
-                  desired_strength=0.75, desired_denoise=0.8, escape_margin=1.5, size=(420, 590))
+                  desired_strength=0.9, desired_denoise=0.8, escape_margin=1.5, size=(420, 590))
     cond = b.add("ConditionalRegenerate", (1620, 0), verdicts=(filt, 0), images=(decode, 0),
                  regenerated=(regen, 0), still_flagged_action="report", size=(420, 330))
     b.add("SaveImage", (2080, 0), images=(cond, 0), filename_prefix="nudging/guarded", size=(320, 300))
@@ -117,7 +117,7 @@ def single_pass_guard(info: dict) -> dict:
     desired = b.add("CLIPTextEncode", (0, 700), title=DESIRED_TITLE, text=DESIRED_PROMPT, clip=(ckpt, 1),
                     size=DESIRED_SIZE)
     guard = b.add("MemorizationGuardModel", (0, 280), model=(ckpt, 0), guarded_set=(guarded, 0), vae=(ckpt, 2),
-                  desired_positive=(desired, 0), desired_strength=0.75, size=(340, 400))
+                  desired_positive=(desired, 0), desired_strength=0.9, size=(340, 400))
     pos = b.add("CLIPTextEncode", (380, 0), title="Prompt", text=PROMPT, clip=(ckpt, 1), size=(400, 150))
     neg = b.add("CLIPTextEncode", (380, 200), title="Negative prompt", text="", clip=(ckpt, 1), size=(400, 150))
     empty = b.add("EmptyLatentImage", (380, 400), width=512, height=512, batch_size=1, size=(315, 106))
@@ -130,7 +130,7 @@ def single_pass_guard(info: dict) -> dict:
     b.add("SaveImage", (1640, 0), images=(decode, 0), filename_prefix="nudging/single_pass", size=(320, 300))
     b.note("Single-pass guard: the patched model watches the sampler's predicted clean latent at every step. As soon "
            "as an image comes close to a guarded one (in the first steps, where a copy is decided), the rest of its "
-           "pass runs with the prompt moved 75 % of the way toward the Desired prompt (the same request without the "
+           "pass runs with the prompt moved 90 % of the way toward the Desired prompt (the same request without the "
            "name that makes the model copy): a new image, in the same pass, at no extra model cost. Without a desired "
            "prompt it turns the prediction away instead, which often leaves a smeared copy. Prompts that never come "
            "close run unchanged. MemorizationFilter still checks the final image: a guard that failed is reported, "

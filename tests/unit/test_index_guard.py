@@ -13,16 +13,10 @@ from nudging_core.guard_index import MANIFEST, build_sharded_guard
 from nudging_core.index_guard import NOTHING_WITHIN, IndexGuard, ItemNames, OpenedIndexes, add_index, combined
 from nudging_core.memorization import check_pixels, format_report, merge_regenerated
 from nudging_core.set_sizes import latents_for
+from test_guard_index import smooth  # the same photo-like items as the index's own tests
 
 T = 0.1
 
-
-def smooth(n, seed, out=64, low=8):
-    """uint8 [n, out, out, 3] photo-like items: random colours at low resolution, enlarged."""
-    g = torch.Generator().manual_seed(seed)
-    small = torch.rand(n, 3, low, low, generator=g)
-    big = torch.nn.functional.interpolate(small, size=(out, out), mode="bilinear", align_corners=False)
-    return (big * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def as_images(items):
