@@ -28,16 +28,20 @@ clean:
 bench: host
 	$(PY) -m bench.run_bench
 
-# Coverage-guided fuzzing of the embedding-set loader (fuzz/fuzz_set_loader.py, issue #14): every
-# hostile set file or set name must load to a consistent set or be refused with NudgeInputError.
-# Prints cases, coverage and failures; failing inputs and their tracebacks land in out/fuzz/failures,
-# the corpus grows in out/fuzz/corpus. Uses atheris (requirements-dev.txt) where it is installed,
-# its own seeded mutator elsewhere. Under a minute for the default 20000 cases;
-# FUZZ_RUNS=200000 or FUZZ_ARGS="--seconds 600" for longer runs.
+# Coverage-guided fuzzing (issue #14) of the embedding-set loader (fuzz/fuzz_set_loader.py: every
+# hostile set file or set name must load to a consistent set or be refused with NudgeInputError), then
+# of the guard index (fuzz/fuzz_guard_index.py: every hostile guard folder must open to an index whose
+# check gives a well-formed verdict, or be refused with NudgeInputError; every guard name must resolve
+# inside the embedding_sets folders or be refused by LoadGuardIndex). Each prints cases, coverage and
+# failures; failing inputs and their tracebacks land in out/fuzz/failures and out/fuzz-guard/failures,
+# the corpora grow in out/fuzz/corpus and out/fuzz-guard/corpus. Uses atheris (requirements-dev.txt)
+# where it is installed, a seeded mutator elsewhere. About two minutes for the default 20000 cases of
+# each; FUZZ_RUNS=200000 or FUZZ_ARGS="--seconds 600" for longer runs. Both run even when one fails.
 FUZZ_RUNS ?= 20000
 .PHONY: fuzz
 fuzz: host
-	$(PY) -m fuzz.fuzz_set_loader --runs $(FUZZ_RUNS) --out out/fuzz $(FUZZ_ARGS)
+	$(PY) -m fuzz.fuzz_set_loader --runs $(FUZZ_RUNS) --out out/fuzz $(FUZZ_ARGS); status=$$?; \
+	$(PY) -m fuzz.fuzz_guard_index --runs $(FUZZ_RUNS) --out out/fuzz-guard $(FUZZ_ARGS) && exit $$status
 
 # What the memorization filter costs against guarded sets of growing size (512x512 items, exact
 # tiled-L2 path) and how the comparison size changes its verdict on planted copies (issue #12).
@@ -65,10 +69,11 @@ shapes-eval: host
 
 # Screenshots of the canvas UI (docs/screenshots/*.png) and the template-browser thumbnails
 # (workflows/<name>.jpg), taken by the browser end-to-end test in the real frontend.
-screenshots: host
+screenshots: host-0.30
 	mkdir -p docs/screenshots
 	NUDGING_SCREENSHOTS=$(CURDIR)/docs/screenshots NUDGING_THUMBNAILS=$(CURDIR)/workflows \
-		$(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/integration/test_browser.py
+		NUDGE_HOST=0.30 $(PY_0.30) -m pytest -q -c tests/pytest.ini --rootdir=tests tests/integration/test_browser.py \
+		tests/integration/test_browser_frontend.py
 
 # The test-host matrix (see host/comfy_env.py). `make host` installs both; `make test` (and
 # test-unit, test-integration) runs on the newest ComfyUI reachable offline, 0.30.0 with frontend
@@ -79,7 +84,7 @@ PY_0.30 := .cache/venv-0.30/bin/python
 TEST_ON_0.30 := NUDGE_HOST=0.30 $(PY_0.30) -m pytest -q -c tests/pytest.ini --rootdir=tests
 TEST_ON_MIN := NUDGE_HOST=0.3.75 $(PY) -m pytest -q -c tests/pytest.ini --rootdir=tests
 
-.PHONY: host-0.30 host-min test-min
+.PHONY: host-0.30 host-min test-min test-browser-pinned
 
 host-0.30:
 	bash host/setup_host.sh 0.30
@@ -89,3 +94,9 @@ host-min:
 
 test-min: host-min
 	$(TEST_ON_MIN) tests
+
+# The browser suites on ComfyUI 0.30.0 with the frontend it pins (1.47.12) instead of 1.58.1: each
+# backend is also tested with its own frontend (0.3.75's 1.32.9 runs in test-min).
+test-browser-pinned: host-0.30
+	NUDGE_HOST=0.30-pinned $(PY_0.30) -m pytest -q -c tests/pytest.ini --rootdir=tests \
+		tests/integration/test_browser.py tests/integration/test_browser_frontend.py

@@ -4,8 +4,8 @@ A set file comes from other people (shared, downloaded) and a set name from a wo
 are hostile input. The rule checked here: every input either loads to a consistent set (or
 resolves to a path inside the set folder) or raises NudgeInputError, whose message names the file.
 Anything else (a raw SafetensorError, a KeyError from odd metadata, a ValueError from a NUL byte
-in a name, an inconsistent set) is a failure: its input bytes and traceback are saved under
-OUT/failures/ and the run goes on.
+in a name, an inconsistent set, a case that takes over HANG_SECONDS of CPU time) is a failure: its
+input bytes and traceback are saved under OUT/failures/ and the run goes on.
 
 The engine is atheris (libFuzzer, coverage-guided over the loader's bytecode) with a mutator that
 knows the safetensors layout: byte-level mutations alone almost never get past the JSON header to
@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import signal
 import struct
 import sys
 import tempfile
@@ -45,6 +46,7 @@ LOADER_FUNCTIONS = ("_read_header", "_unique_keys", "_refuse_constant", "_natura
 TARGET_FILE, TARGET_NAME_UTF8, TARGET_NAME_UTF16 = 0, 1, 2
 MAX_LEN = 8192
 SAVED_PER_CAUSE = 5
+HANG_SECONDS = 5.0                  # CPU seconds one input may take
 INTERESTING = [0, 1, 2, 3, -1, 255, 2**31 - 1, 2**31, 2**32, 2**63, 2**64, 2**64 + 1,
                True, False, None, 1.5, float("nan"), float("inf"), "3", [], {}, [[1]]]
 
@@ -249,22 +251,30 @@ def op_metadata(header, data, rng):
                                 "\u0661", "9" * 5000, 1, None])
 
 
-@on_header
-def op_tensor_set(header, data, rng):
-    """Drop, rename, duplicate or add tensor entries."""
-    names = tensor_names(header)
-    if not names:
-        return None
-    name = rng.choice(names)
-    kind = rng.randrange(4)
-    if kind == 0:
-        del header[name]
-    elif kind == 1:
-        header[rng.choice(["latents", "clip_embeds", "pixels", "weights", "", "latents\0"])] = header.pop(name)
-    elif kind == 2:
-        header[rng.choice(["latents", "clip_embeds", "pixels"])] = dict(header[name])
-    else:
-        header[name] = rng.choice(INTERESTING)
+def tensor_set_op(expected: list[str]):
+    """An operator that drops, renames, duplicates or adds tensor entries, renaming to the names the
+    format expects (`expected`) or to wrong ones; the guard-index fuzzer makes its own with its names."""
+    renames = expected + ["weights", "", expected[0] + "\0"]
+
+    @on_header
+    def op_tensor_set(header, data, rng):
+        names = tensor_names(header)
+        if not names:
+            return None
+        name = rng.choice(names)
+        kind = rng.randrange(4)
+        if kind == 0:
+            del header[name]
+        elif kind == 1:
+            header[rng.choice(renames)] = header.pop(name)
+        elif kind == 2:
+            header[rng.choice(expected)] = dict(header[name])
+        else:
+            header[name] = rng.choice(INTERESTING)
+    return op_tensor_set
+
+
+op_tensor_set = tensor_set_op(["latents", "clip_embeds", "pixels"])
 
 
 def replace_a_number(text: str, rng: random.Random, replacements: list[str]) -> str:
@@ -331,10 +341,11 @@ def encode_name(name: str, target: int) -> bytes:
         return name.encode("utf-8", "surrogatepass")
 
 
-def op_name_parts(raw: bytes, rng: random.Random, target: int) -> bytes:
-    """Insert or replace path components: '..', separators, NUL, the outward symlink, surrogates."""
+def op_name_parts(raw: bytes, rng: random.Random, target: int, vocabulary: list[str] = NAME_PARTS) -> bytes:
+    """Insert or replace path components: '..', separators, NUL, the outward symlink, surrogates
+    (`vocabulary`: the parts to use; the guard-index fuzzer adds the names in its folders)."""
     parts = decode_name(raw, target).split("/")
-    part = rng.choice(NAME_PARTS)
+    part = rng.choice(vocabulary)
     if rng.random() < 0.5 or not parts:
         parts.insert(rng.randrange(len(parts) + 1), part)
     else:
@@ -420,13 +431,68 @@ def inconsistency(sets, s) -> str | None:
     return None if again.names == s.names else "names changed on a save/load round trip"
 
 
-class Harness:
-    """Runs one input against its target and keeps the tallies and the failures."""
+class Hang(BaseException):
+    """Raised into an input that has used HANG_SECONDS of CPU time. Not an Exception, so that no
+    `except Exception` in the code under test can swallow it."""
+
+
+def _on_hang(signum, frame):
+    raise Hang(f"over {HANG_SECONDS:g} s of CPU time on one input")
+
+
+class Recorder:
+    """Runs each input through `outcome` (the target's rule, in a subclass) and keeps the tallies and
+    the failures: a few inputs per cause, their bytes and traceback under OUT/failures. An input gets
+    HANG_SECONDS of CPU time (CPU, not wall time: this machine is shared, a starved case is no hang)."""
+
+    def __init__(self, out_dir: str, counts: tuple[str, ...]):
+        self.out_dir = out_dir
+        self.tally = dict.fromkeys(("cases",) + counts + ("failures",), 0)
+        self.causes: dict[str, int] = {}
+
+    def outcome(self, data: bytes) -> str | None:
+        """None when the input met the rule, else what went wrong."""
+        raise NotImplementedError
+
+    def check(self, data: bytes) -> bool:
+        """Run one input; record it as a failure (bytes and traceback) unless it met the rule."""
+        self.tally["cases"] += 1
+        previous = signal.signal(signal.SIGPROF, _on_hang)
+        signal.setitimer(signal.ITIMER_PROF, HANG_SECONDS)
+        try:
+            problem, detail = self.outcome(data), ""
+        except (Exception, Hang) as exc:  # noqa: BLE001 - anything but the refusal is what we look for
+            frames = traceback.extract_tb(exc.__traceback__)
+            frame = frames[-2] if isinstance(exc, Hang) and len(frames) > 1 else frames[-1]   # not _on_hang's
+            problem = f"{type(exc).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}: {exc}"
+            detail = traceback.format_exc()
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.signal(signal.SIGPROF, previous)
+        if problem is None:
+            return True
+        problem = re.sub(r"\\[ux][0-9a-f]+|\d+|'[^']*'|`[^`]*`|\([^)]*\)", "_", problem)[:120]   # a line per cause
+        self.tally["failures"] += 1
+        seen = self.causes[problem] = self.causes.get(problem, 0) + 1
+        if seen <= SAVED_PER_CAUSE:
+            stem = os.path.join(self.out_dir, "failures", hashlib.sha1(data).hexdigest()[:16])
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            with open(stem + ".bin", "wb") as f:
+                f.write(data)
+            with open(stem + ".txt", "w", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(f"{problem}\n\n{detail}")
+        return False
+
+
+class Harness(Recorder):
+    """The set loader's targets: a set file, a set name."""
 
     def __init__(self, sets, out_dir: str, work_dir: str):
         from safetensors import SafetensorError
 
-        self.sets, self.out_dir, self.safetensor_error = sets, out_dir, SafetensorError
+        super().__init__(out_dir, ("loaded", "refused", "refused by the safety net", "names resolved",
+                                   "names refused"))
+        self.sets, self.safetensor_error = sets, SafetensorError
         self.folder = os.path.join(work_dir, "sets")
         outside = os.path.join(work_dir, "outside")
         for d in (self.folder, os.path.join(self.folder, "sub"), outside):
@@ -436,12 +502,8 @@ class Harness:
             os.symlink(to, os.path.join(self.folder, link))
         self.set_path = os.path.join(self.folder, "case.safetensors")
         self.root = os.path.realpath(self.folder)
-        self.tally = {"cases": 0, "loaded": 0, "refused": 0, "refused by the safety net": 0,
-                      "names resolved": 0, "names refused": 0, "failures": 0}
-        self.causes: dict[str, int] = {}
 
     def outcome(self, data: bytes) -> str | None:
-        """None when the input met the rule, else what went wrong."""
         target = data[0] % 3 if data else TARGET_FILE
         try:
             if target == TARGET_FILE:
@@ -462,58 +524,40 @@ class Harness:
             self.tally["refused by the safety net"] += isinstance(exc.__cause__, self.safetensor_error)
             return None if "case.safetensors" in str(exc) else f"message does not name the file: {exc}"
 
-    def check(self, data: bytes) -> bool:
-        """Run one input; record it as a failure (bytes and traceback) unless it met the rule."""
-        self.tally["cases"] += 1
-        try:
-            problem, detail = self.outcome(data), ""
-        except Exception as exc:  # noqa: BLE001 - anything but NudgeInputError is what we look for
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            problem = f"{type(exc).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}: {exc}"
-            detail = traceback.format_exc()
-        if problem is None:
-            return True
-        problem = re.sub(r"\\[ux][0-9a-f]+|\d+|'[^']*'|`[^`]*`|\([^)]*\)", "_", problem)[:120]   # a line per cause
-        self.tally["failures"] += 1
-        seen = self.causes[problem] = self.causes.get(problem, 0) + 1
-        if seen <= SAVED_PER_CAUSE:
-            stem = os.path.join(self.out_dir, "failures", hashlib.sha1(data).hexdigest()[:16])
-            os.makedirs(os.path.dirname(stem), exist_ok=True)
-            with open(stem + ".bin", "wb") as f:
-                f.write(data)
-            with open(stem + ".txt", "w", encoding="utf-8", errors="backslashreplace") as f:
-                f.write(f"{problem}\n\n{detail}")
-        return False
-
 
 # ---- line coverage (the random engine's guide; printed by both engines) ----------------------
 
 class LineCoverage:
-    """Distinct lines in embedding_set.py's function bodies that inputs reached, via sys.settrace
-    (module and class bodies run at import, def lines never report a line event: both left out)."""
+    """Distinct lines in the function bodies of these files that inputs reached, via sys.settrace
+    (module and class bodies run at import, def lines never report a line event: both left out).
+    The first file is the one `reached` counts unless told another."""
 
-    def __init__(self, filename: str):
-        self.filename, self.lines, self.by_function = filename, set(), {}
-        with open(filename, encoding="utf-8") as f:
-            todo = [compile(f.read(), filename, "exec")]
-        while todo:
-            code = todo.pop()
-            if code.co_flags & inspect.CO_OPTIMIZED:
-                body = {line for _, _, line in code.co_lines() if line and line != code.co_firstlineno}
-                self.by_function.setdefault(code.co_name, set()).update(body)
-            todo.extend(c for c in code.co_consts if inspect.iscode(c))
+    def __init__(self, *filenames: str):
+        self.filenames, self.lines, self.by_function = filenames, set(), {}
+        for filename in filenames:
+            with open(filename, encoding="utf-8") as f:
+                todo = [compile(f.read(), filename, "exec")]
+            while todo:
+                code = todo.pop()
+                if code.co_flags & inspect.CO_OPTIMIZED:
+                    body = {line for _, _, line in code.co_lines() if line and line != code.co_firstlineno}
+                    self.by_function.setdefault((filename, code.co_qualname), set()).update(body)
+                todo.extend(c for c in code.co_consts if inspect.iscode(c))
 
-    def reached(self, functions=None) -> tuple[int, int]:
-        """(lines reached, lines) over these functions, or over all of them."""
-        lines = set().union(*(v for k, v in self.by_function.items() if functions is None or k in functions))
-        return len(lines & self.lines), len(lines)
+    def reached(self, functions=None, filename: str | None = None) -> tuple[int, int]:
+        """(lines reached, lines) over these functions of the file, or over all of them. A function is
+        named by its name or, where names repeat (methods), its qualified name ('GuardIndex.open')."""
+        filename = filename or self.filenames[0]
+        lines = set().union(*(v for (f, k), v in self.by_function.items() if f == filename and (
+            functions is None or k in functions or k.rsplit(".", 1)[-1] in functions)))
+        return len({line for f, line in self.lines if f == filename} & lines), len(lines)
 
     def _call(self, frame, event, arg):
-        return self._line if frame.f_code.co_filename == self.filename else None
+        return self._line if frame.f_code.co_filename in self.filenames else None
 
     def _line(self, frame, event, arg):
         if event == "line":
-            self.lines.add(frame.f_lineno)
+            self.lines.add((frame.f_code.co_filename, frame.f_lineno))
         return self._line
 
     def __enter__(self):
@@ -526,8 +570,8 @@ class LineCoverage:
 
 # ---- engines ----------------------------------------------------------------------------------
 
-def run_random(harness: Harness, coverage: LineCoverage, corpus: list[bytes], runs: int, deadline: float,
-               seed: int) -> None:
+def run_random(harness: Recorder, coverage: LineCoverage, corpus: list[bytes], runs: int, deadline: float,
+               seed: int, mutator=mutate) -> None:
     """Seeds first, then mutants of the inputs that reached new lines; seeded, so reproducible."""
     rng = random.Random(seed)
     queue = []
@@ -539,27 +583,33 @@ def run_random(harness: Harness, coverage: LineCoverage, corpus: list[bytes], ru
         if len(coverage.lines) > before or len(queue) < 8:
             queue.append(data)
     while harness.tally["cases"] < runs and time.monotonic() < deadline:
-        child = mutate(rng.choice(queue), rng)
+        child = mutator(rng.choice(queue), rng)
         before = len(coverage.lines)
         harness.check(child)
         if len(coverage.lines) > before:
             queue.append(child)
 
 
-def run_atheris(atheris, harness: Harness, corpus: list[bytes], runs: int, seconds: float | None, seed: int) -> None:
-    """libFuzzer over the seeds in OUT/corpus (it adds the inputs that found new coverage there)."""
+def run_atheris(atheris, harness: Recorder, corpus: list[bytes], runs: int, seconds: float | None, seed: int,
+                mutator=mutate, max_len: int = MAX_LEN) -> None:
+    """libFuzzer over the seeds in OUT/corpus (it adds the inputs that found new coverage there).
+    A case stuck where the CPU-time alarm cannot reach it (inside C code) is libFuzzer's -timeout's:
+    it ends the run and leaves the input in OUT/failures."""
     corpus_dir = os.path.join(harness.out_dir, "corpus")
     os.makedirs(corpus_dir, exist_ok=True)
+    os.makedirs(os.path.join(harness.out_dir, "failures"), exist_ok=True)
     for data in corpus:
         with open(os.path.join(corpus_dir, hashlib.sha1(data).hexdigest()), "wb") as f:
             f.write(data)
-    argv = [sys.argv[0], f"-atheris_runs={runs}", f"-max_len={MAX_LEN}", f"-seed={seed}", corpus_dir]
+    argv = [sys.argv[0], f"-atheris_runs={runs}", f"-max_len={max_len}", f"-seed={seed}",
+            f"-timeout={round(HANG_SECONDS * 12)}", f"-artifact_prefix={os.path.join(harness.out_dir, 'failures')}/",
+            corpus_dir]
     if seconds:
         argv.insert(1, f"-max_total_time={max(1, round(seconds))}")
 
     def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)      # 1 in 5: libFuzzer's own byte mutations, guided by comparisons
-        return atheris.Mutate(data, max_size) if rng.random() < 0.2 else mutate(data, rng, max_size)
+        return atheris.Mutate(data, max_size) if rng.random() < 0.2 else mutator(data, rng, max_size)
 
     atheris.Setup(argv, harness.check, custom_mutator=custom_mutator)
     try:
@@ -568,49 +618,79 @@ def run_atheris(atheris, harness: Harness, corpus: list[bytes], runs: int, secon
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# ---- the command line, shared with fuzz_guard_index ----------------------------------------------
+
+def command_line(doc: str, argv: list[str] | None, default_out: str):
+    """(options, atheris module or None): --runs, --seconds, --out, --engine, --seed. With atheris the
+    engine is atheris; None means the seeded random engine."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20000, help="inputs to run, seeds included")
     parser.add_argument("--seconds", type=float, default=None, help="stop after this long even if runs are left")
-    parser.add_argument("--out", default=os.path.join(REPO, "out", "fuzz"), help="failures/ and corpus/ go here")
+    parser.add_argument("--out", default=default_out, help="failures/ and corpus/ go here")
     parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto",
                         help="auto: atheris when it is installed")
     parser.add_argument("--seed", type=int, default=1, help="the mutators' seed (libFuzzer's -seed with atheris)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     try:
         import atheris
     except ImportError:
         atheris = None
     if args.engine == "atheris" and atheris is None:
         parser.error("atheris is not installed (pip install atheris); --engine random runs without it")
-    engine = "random" if args.engine == "random" or atheris is None else "atheris"
-    if engine == "atheris":
-        import safetensors.torch  # noqa: F401 - imported before instrumenting: only the pack is instrumented
-        with atheris.instrument_imports(include=["nudging_core"]):
-            from nudging_core import embedding_set as sets
-    else:
-        from nudging_core import embedding_set as sets
+    torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
-    corpus = seed_corpus(sets)
+    return args, None if args.engine == "random" else atheris
+
+
+def import_pack_modules(atheris, names: list[str]) -> list:
+    """The pack's modules by name, instrumented for atheris's coverage when it runs (safetensors
+    imported before: only the pack is instrumented)."""
+    import importlib
+
+    import safetensors.torch  # noqa: F401
+    if atheris is None:
+        return [importlib.import_module(n) for n in names]
+    with atheris.instrument_imports(include=["nudging_core"]):
+        return [importlib.import_module(n) for n in names]
+
+
+def run_engine(atheris, harness: Recorder, coverage: LineCoverage, corpus: list[bytes], args, mutator=mutate,
+               max_len: int = MAX_LEN) -> float:
+    """Run the chosen engine over the corpus; returns the seconds it took."""
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as work, LineCoverage(LOADER_FILE) as coverage:
-        harness = Harness(sets, args.out, work)
-        if engine == "atheris":
-            run_atheris(atheris, harness, corpus, args.runs, args.seconds, args.seed)
-        else:
-            run_random(harness, coverage, corpus, args.runs, started + (args.seconds or float("inf")), args.seed)
-    elapsed = time.monotonic() - started
+    if atheris is not None:
+        run_atheris(atheris, harness, corpus, args.runs, args.seconds, args.seed, mutator, max_len)
+    else:
+        run_random(harness, coverage, corpus, args.runs, started + (args.seconds or float("inf")), args.seed,
+                   mutator)
+    return time.monotonic() - started
+
+
+def print_summary(harness: Recorder, atheris, elapsed: float, coverage_lines: list[str]) -> int:
+    """Print cases, coverage and failures (a line per cause); the exit status: 1 when any failed."""
+    engine = "random" if atheris is None else "atheris"
     print(f"engine: {engine}  time: {elapsed:.1f} s  " + "  ".join(f"{k}: {v}" for k, v in harness.tally.items()))
-    print("coverage: {}/{} lines of the loader's functions, {}/{} of all in {}".format(
-        *coverage.reached(LOADER_FUNCTIONS), *coverage.reached(), os.path.relpath(LOADER_FILE, REPO))
-        + ("  (libFuzzer's cov/ft figures are above)" if engine == "atheris" else ""))
+    for line in coverage_lines:
+        print(line + ("  (libFuzzer's cov/ft figures are above)" if atheris is not None else ""))
     for cause, count in sorted(harness.causes.items(), key=lambda kv: -kv[1]):
         print(f"  {count:6d} x {cause}")
     if harness.causes:
-        print(f"inputs and tracebacks: {os.path.join(args.out, 'failures')}")
+        print(f"inputs and tracebacks: {os.path.join(harness.out_dir, 'failures')}")
     print(f"failures: {harness.tally['failures']}")
     return 1 if harness.tally["failures"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, atheris = command_line(__doc__, argv, os.path.join(REPO, "out", "fuzz"))
+    (sets,) = import_pack_modules(atheris, ["nudging_core.embedding_set"])
+    corpus = seed_corpus(sets)
+    with tempfile.TemporaryDirectory() as work, LineCoverage(LOADER_FILE) as coverage:
+        harness = Harness(sets, args.out, work)
+        elapsed = run_engine(atheris, harness, coverage, corpus, args)
+    return print_summary(harness, atheris, elapsed, ["coverage: {}/{} lines of the loader's functions, {}/{} of all "
+                                                     "in {}".format(*coverage.reached(LOADER_FUNCTIONS),
+                                                                    *coverage.reached(),
+                                                                    os.path.relpath(LOADER_FILE, REPO))])
 
 
 if __name__ == "__main__":

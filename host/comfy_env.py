@@ -4,6 +4,8 @@ launcher, training).
 The hosts (installed by host/setup_host.sh into .cache/), chosen with NUDGE_HOST:
   0.30    ComfyUI 0.30.0, the newest reachable offline, venv .cache/venv-0.30, served with
           frontend 1.58.1 (--front-end-root); what `make test` runs on
+  0.30-pinned  the same ComfyUI 0.30.0 and venv with the frontend it pins (1.47.12); the browser
+          suites run on it too (`make test-browser-pinned`)
   0.3.75  ComfyUI 0.3.75, the declared minimum, venv .cache/venv, the frontend it pins (1.32.9);
           `make test-min`
 Without NUDGE_HOST: the host whose venv runs this Python, else 0.3.75.
@@ -41,6 +43,8 @@ class Host:
 HOSTS = {
     "0.30": Host("0.30", "0.30.0", os.path.join(CACHE, "ComfyUI-0.30.0"), os.path.join(CACHE, "venv-0.30"),
                  os.path.join(CACHE, "frontend-1.58.1", "comfyui_frontend_package", "static")),
+    "0.30-pinned": Host("0.30-pinned", "0.30.0", os.path.join(CACHE, "ComfyUI-0.30.0"),
+                        os.path.join(CACHE, "venv-0.30"), None),
     "0.3.75": Host("0.3.75", "0.3.75", os.path.join(CACHE, "ComfyUI"), os.path.join(CACHE, "venv"), None),
 }
 ALIASES = {"0.30.0": "0.30", "new": "0.30", "newest": "0.30", "min": "0.3.75", "minimum": "0.3.75"}

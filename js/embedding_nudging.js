@@ -8,8 +8,10 @@
 //   "cancelled" when the run is interrupted.
 // - NudgeRegenerate: a status line with the attempt and sampler step while it runs; after, one
 //   row per flagged image: "escaped" after N attempt(s) or "STILL A COPY", distance before → after.
-// - A toast when something was flagged or is still flagged (setting: EmbeddingNudging.Toasts).
-// - All of it also for nodes inside subgraphs (the server names them "<subgraph node>:<node>").
+// - A toast when something was flagged or is still flagged (setting: EmbeddingNudging.Toasts),
+//   through the toast service's current methods, its older toast.add, or the legacy dialog.
+// - All of it also for nodes inside subgraphs (the server names them "<subgraph node>:<node>"),
+//   and with the Vue node renderer ("Nodes 2.0"), where each widget draws on its own canvas.
 //
 // Only documented extension points are used: registerExtension hooks, api events, onExecuted /
 // onDrawForeground chained in beforeRegisterNodeDef, custom canvas widgets with serialize off
@@ -41,13 +43,20 @@ function toastsEnabled() {
   return value !== false;
 }
 
+// The toast service's own methods per severity (frontends from 1.5x: toast.warning(message, options));
+// older ones have only toast.add({severity, summary, detail, life}), deprecated since.
+const TOAST_METHODS = { warn: "warning", error: "error", info: "info" };
+
 function toast(severity, summary, detail, life = 8000) {
   if (!toastsEnabled()) return;
   // The toast service exists only on newer frontends; older ones have just the legacy dialog
   // (used for warnings and errors only: a modal for "run cancelled" would be a nuisance), and a
   // page without either still gets the message in the console.
   const manager = app.extensionManager?.toast;
-  if (typeof manager?.add === "function") {
+  const method = TOAST_METHODS[severity];
+  if (typeof manager?.[method] === "function") {
+    manager[method](summary, { description: detail, duration: life });
+  } else if (typeof manager?.add === "function") {
     manager.add({ severity, summary, detail, life });
   } else if (severity !== "info" && typeof app.ui?.dialog?.show === "function") {
     // A text node, not an HTML string: item names in the message come from shared set files.
@@ -73,6 +82,22 @@ function redraw() {
   else app.graph?.setDirtyCanvas(true, true);
 }
 
+/** With the Vue renderer ("Nodes 2.0") each custom widget draws on its own small canvas, redrawn only
+ * on resize, palette change or the widget's triggerDraw (set by the renderer): call it on every change. */
+function vueNodesMode() {
+  return !!globalThis.LiteGraph?.vueNodesMode;
+}
+
+function redrawPackWidgets(node) {
+  const vue = vueNodesMode();
+  for (const w of node.widgets ?? []) {
+    if (w.name !== PANEL_WIDGET && w.name !== LABEL_WIDGET) continue;
+    // The renderer sizes the widget's canvas by computedHeight first: keep it in step with the view.
+    if (vue) w.computedHeight = w.computeSize(node.size[0])[1];
+    w.triggerDraw?.();
+  }
+}
+
 /** Show a view on a node: remember it, make the node tall enough, redraw. */
 function setView(node, view) {
   node.nudging = view;
@@ -80,6 +105,7 @@ function setView(node, view) {
   const width = Math.max(node.size[0], min[0], view ? MIN_WIDTH : 0);
   const height = Math.max(node.size[1], min[1]);
   if (width !== node.size[0] || height !== node.size[1]) node.setSize([width, height]);
+  redrawPackWidgets(node);
   redraw();
 }
 
@@ -106,12 +132,18 @@ function labelWidget(node) {
     value: "",
     serialize: false,
     options: { serialize: false },
+    // On the classic canvas the labels sit on top of the image previews and take no room; the Vue
+    // renderer shows images outside the canvas, so there the labels get a row of their own.
     computeSize(width) {
-      return [width ?? node.size[0], 0];
+      return [width ?? node.size[0], vueNodesMode() && node.nudging?.labels?.length ? LABEL_ROW_HEIGHT : 0];
     },
     // Drawn after the image preview widget (kept last), so the labels sit on top of the images.
-    draw(ctx, drawnNode) {
+    draw(ctx, drawnNode, width, y) {
       const labels = drawnNode.nudging?.labels;
+      if (vueNodesMode()) {
+        if (labels?.length) drawImageLabels(ctx, labels, labelRow(labels.length, width, y));
+        return;
+      }
       const imgs = drawnNode.imgs;
       if (!labels?.length || !imgs?.length || imgs.length !== labels.length) return;
       if (imgs.length > 1 && drawnNode.imageIndex == null && drawnNode.imageRects?.length === imgs.length) {
@@ -123,6 +155,14 @@ function labelWidget(node) {
       }
     },
   };
+}
+
+const LABEL_ROW_HEIGHT = 26;
+
+/** n label cells side by side across a widget row: the order of the images below them. */
+function labelRow(n, width, y) {
+  const cell = (width - 12) / n;
+  return Array.from({ length: n }, (_, i) => [6 + i * cell, y, cell, LABEL_ROW_HEIGHT - 4]);
 }
 
 function keepLast(node, widget) {

@@ -87,6 +87,7 @@ _FILTER_ROWS = 1 << 16                      # candidates per bound evaluation (b
 _EXACT_ROWS = 2048                          # candidates per exact test (their float copies: 100 MB)
 _HINT = "rebuild the guard with build_sharded_guard"
 _U32 = 2.0 ** -24                           # float32 unit roundoff
+_F32_MAX = float(np.finfo(np.float32).max)  # the range search's radius and norms are float32: capped there
 
 
 def _loosen(threshold: float, size: int, scale: float = 1.0) -> float:
@@ -469,7 +470,7 @@ def _read_manifest(folder: str) -> dict:
     if type(version) is not int or version < 1:
         raise _manifest_error("has no format version")
     if version > FORMAT_VERSION:
-        raise NudgeInputError(f"the guard uses format {version}, newer than this pack's {FORMAT_VERSION}; "
+        raise NudgeInputError(f"the guard's {MANIFEST} is format {version}, newer than this pack's {FORMAT_VERSION}; "
                               "update the pack")
     if type(count) is not int or count < 1:
         raise _manifest_error("has no item count")
@@ -533,8 +534,11 @@ class GuardIndex:
             fh.seek(shard.tiles)
             if fh.readinto(memoryview(tiles).cast("B")) != tiles.nbytes:
                 raise NudgeInputError(f"guard shard '{os.path.basename(shard.path)}' is truncated; {_HINT}")
-        if not np.isfinite(tiles).all():
-            raise NudgeInputError(f"guard shard '{os.path.basename(shard.path)}' holds NaN or infinite means; {_HINT}")
+        # Means of pixels in [0, 1] (the writer's float32 rounding keeps them there). Refused otherwise, NaN
+        # included: a huge mean would overflow the float32 radius faiss takes and the norms the scan uses.
+        if not ((tiles >= 0) & (tiles <= 1)).all():
+            raise NudgeInputError(f"guard shard '{os.path.basename(shard.path)}' holds tile means outside [0, 1] (NaN, "
+                                  f"infinite or out of range); {_HINT}")
         return tiles
 
     @classmethod
@@ -583,6 +587,9 @@ class GuardIndex:
 
     def _range(self, queries: np.ndarray, radius_sq: np.ndarray) -> list[np.ndarray]:
         """Per query, the items whose tile means lie within its squared radius (a superset: see margins)."""
+        # Both backends compare in float32: a radius past its largest value (a query of huge values, a huge
+        # threshold) is capped there, which faiss needs (it refuses the larger float) and which only widens.
+        radius_sq = np.minimum(radius_sq, _F32_MAX)
         if self.backend == "faiss":
             found = []
             for q, r in zip(queries, radius_sq):      # faiss takes one radius per call
@@ -590,7 +597,8 @@ class GuardIndex:
                 found.append(np.sort(ids[lims[0]:lims[1]]).astype(np.int64))
             return found
         q = torch.from_numpy(queries)
-        q_norms = torch.from_numpy(np.einsum("ij,ij->i", queries, queries, dtype=np.float64).astype(np.float32))
+        q_norms = torch.from_numpy(np.minimum(np.einsum("ij,ij->i", queries, queries, dtype=np.float64),
+                                              _F32_MAX).astype(np.float32))
         limit = torch.from_numpy(radius_sq.astype(np.float32))
         hits = [[] for _ in range(len(queries))]
         for i in range(0, self.count, _RANGE_ROWS):

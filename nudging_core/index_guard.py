@@ -199,7 +199,10 @@ class OpenedIndexes:
         self._lock = threading.Lock()
 
     def get(self, folder: str, label: str, opener=IndexGuard.open) -> IndexGuard:
-        stat = os.stat(os.path.join(folder, MANIFEST))
+        try:
+            stat = os.stat(os.path.join(folder, MANIFEST))
+        except OSError:            # no guard.json (gone since the name was checked, a link loop): the opener
+            return opener(folder, label)      # refuses it with the message that names the fix; nothing kept
         key = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             held = self._open.get(folder)

@@ -30,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--scenes", type=int, default=64)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cfg", type=float, help="guidance scale of the x0 predictions (default: the bench's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -55,11 +56,13 @@ def main(argv=None):
         images = vae.decode(fmt.process_out(latents)).float().reshape(-1, world.resolution, world.resolution, 3)
         return np.mean([reader.read(im).attributes == s.attributes for im, s in zip(images.numpy(), scenes)])
 
-    print(f"{args.scenes} fresh scenes of trained combinations; weights {args.weights or WEIGHTS_DIR}")
+    print(f"{args.scenes} fresh scenes of trained combinations; weights {args.weights or WEIGHTS_DIR}; "
+          f"cfg {SAMPLER_SETTINGS['cfg'] if args.cfg is None else args.cfg}")
     print(f"round trip (autoencoder alone): {read_right(x0):.1%} read right")
     cond = torch.cat([mt.encode_caption(clip, c) for c in captions])
     empty = mt.encode_caption(clip, "").expand_as(cond)
-    cfg, acp = float(SAMPLER_SETTINGS["cfg"]), mt.alphas_cumprod().float()
+    cfg = float(SAMPLER_SETTINGS["cfg"] if args.cfg is None else args.cfg)
+    acp = mt.alphas_cumprod().float()
     g = torch.Generator().manual_seed(args.seed)
     n = len(scenes)
     for t in TIMESTEPS:

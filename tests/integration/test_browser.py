@@ -9,6 +9,7 @@ with NUDGING_THUMBNAILS=<dir> the template-browser thumbnails (<workflow>.jpg).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -62,6 +63,14 @@ def browser(host):
 
 @pytest.fixture
 def page(browser, host):
+    with open_page(browser, host) as pg:
+        yield pg
+
+
+@contextlib.contextmanager
+def open_page(browser, host):
+    """A fresh browser context on the server's frontend, once the pack's extension has registered;
+    fails the test if the pack's code raised in the page."""
     context = browser.new_context(viewport=VIEWPORT)
     context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # the Nodes 2.0 banner
     # Every toast shown, even one that expired while a long run went on (window.__toastsSeen).
@@ -73,6 +82,20 @@ def page(browser, host):
                 if (text && !window.__toastsSeen.includes(text)) window.__toastsSeen.push(text);
             }
         }).observe(document, {childList: true, subtree: true, characterData: true});""" % TOASTS)
+    # Nodes 2.0 draws each custom widget on its own canvas inside the node's element: what is on it.
+    context.add_init_script("""
+        window.widgetCanvas = (node, widget) => {
+            const el = document.querySelector(
+                `[data-node-id="${node.id}"] [data-widget-name="${widget.name}"] canvas`);
+            if (!el || !el.width || !el.height) return null;
+            const pixels = el.getContext("2d").getImageData(0, 0, el.width, el.height).data;
+            let drawn = false, hash = 0;
+            for (let i = 0; i < pixels.length; i += 4) {
+                if (pixels[i + 3]) drawn = true;
+                hash = (Math.imul(hash, 31) + pixels[i] + 7 * pixels[i + 1] + 13 * pixels[i + 2]) | 0;
+            }
+            return {drawn, hash, height: el.height};
+        };""")
     pg = context.new_page()
     errors = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -217,7 +240,10 @@ def node_views(page) -> dict:
                 labels: (n.nudging.labels || []).map(l => l.text),
                 imgs: (n.imgs || []).length,
                 panelVisible: (() => { const w = n.widgets.find(w => w.name === "nudging_panel");
-                                       return !!w && w.last_y != null && n.size[1] >= w.last_y + 10; })(),
+                                       if (!w) return false;
+                                       if (!LiteGraph.vueNodesMode) return w.last_y != null && n.size[1] >= w.last_y + 10;
+                                       // Nodes 2.0: the widget draws on its own canvas in the node's element.
+                                       return widgetCanvas(n, w)?.drawn ?? false; })(),
             }]))""")
 
 
@@ -526,8 +552,9 @@ def test_toasts_can_be_turned_off(page, host, object_info, fresh_seed):
 
 
 def start_and_cancel(page, host, object_info, workflow_name: str, node_type: str, overrides: dict, seed: int,
-                     progress_header, shot: str, shot_nodes: list[str]) -> None:
-    """Queue a run forced into the lazy branch, wait for node_type's progress, cancel, check it stopped."""
+                     progress_header, shot: str, shot_nodes: list[str], while_running=None) -> None:
+    """Queue a run forced into the lazy branch, wait for node_type's progress, cancel, check it stopped.
+    while_running(page, node_id), if given, checks more while the progress is showing."""
     _name, caption, _ = memorizer_data.training_items()[3]
     workflow = shipped_workflow(workflow_name, object_info)
     load_in_frontend(page, workflow)
@@ -541,7 +568,13 @@ def start_and_cancel(page, host, object_info, workflow_name: str, node_type: str
         arg=nudge, timeout=RUN_TIMEOUT * 1000)
     shown = node_views(page)[nudge]
     assert progress_header(shown["header"]), shown
-    screenshot(page, f"{shot}_progress", shot_nodes)
+    try:
+        if while_running:
+            while_running(page, nudge)
+        screenshot(page, f"{shot}_progress", shot_nodes)
+    except BaseException:
+        host.interrupt()        # leave the server free for the next test
+        raise
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Interrupt'); }")
     page.wait_for_function(
         "(id) => app.graph.getNodeById(Number(id))?.nudging?.header?.startsWith('cancelled at ')",

@@ -257,7 +257,7 @@ def _rewrite_header(path, change):
 MANIFEST_CASES = [
     ("not json", lambda m: None, "is not JSON"),
     ("foreign", lambda m: m.update(format="something"), "manifest"),
-    ("newer", lambda m: m.update(format_version=99), "newer than this pack"),
+    ("newer", lambda m: m.update(format_version=99), "guard.json is format 99, newer than this pack"),
     ("count", lambda m: m.update(count=601), "for a count of 601"),
     ("size", lambda m: m.update(size=60), "comparison size"),
     ("outside", lambda m: m["shards"][0].update(file="../shard_00000.safetensors"), "not a plain shard file name"),
@@ -327,3 +327,52 @@ def test_bad_queries_are_refused(guard_folder):
         guard.check(torch.rand(64, 64, 3), T)
     with pytest.raises(NudgeInputError, match="out of range"):
         guard.rows([600])
+
+
+# Found by the guard-index fuzzer (fuzz/fuzz_guard_index.py, issue #14): each raised a raw exception.
+
+def _write_tile_mean(folder, value):
+    from nudging_core.guard_index import _read_shard
+    path = os.path.join(folder, "shard_00001.safetensors")
+    with open(path, "r+b") as fh:
+        fh.seek(_read_shard(path, 64).tiles + 4 * 7)
+        fh.write(struct.pack("<f", value))
+
+
+@pytest.mark.parametrize("value", [3e38, -1.0, 1.5, float("nan"), float("inf")])
+def test_tile_means_outside_0_1_are_refused_when_opening(guard_folder, tmp_path, value):
+    """A huge finite mean (3e38) opened, then made faiss's float32 radius overflow: a raw TypeError at
+    the first check. Means of pixels lie in [0, 1]; anything else is a hostile or damaged shard."""
+    folder = _copy_guard(guard_folder[0], str(tmp_path / "g"))
+    _write_tile_mean(folder, value)
+    for backend in ("torch", "auto"):
+        with pytest.raises(NudgeInputError, match=r"guard shard 'shard_00001.safetensors' holds tile means outside "
+                                                  r"\[0, 1\].*rebuild the guard"):
+            GuardIndex.open(folder, backend=backend)
+
+
+def test_huge_queries_and_thresholds_do_not_overflow_the_faiss_radius(guard_folder):
+    """faiss takes the range search's radius as a float32: a query of huge (finite) values or a huge
+    threshold gave a radius above float32's largest and a raw TypeError from faiss."""
+    pytest.importorskip("faiss")
+    folder, items = guard_folder
+    guard = GuardIndex.open(folder, backend="faiss")
+    distances, indices = guard.check(torch.full((1, 64, 64, 3), 1e30), T)
+    assert indices.tolist() == [-1] and distances.tolist() == [float("inf")]
+    assert guard.check(items[:1].float() / 255, 1e30)[1].tolist() == [0]
+    assert GuardIndex.open(folder, backend="torch").check(torch.full((1, 64, 64, 3), 1e30), T)[1].tolist() == [-1]
+
+
+@pytest.mark.parametrize("manifest", ["missing", "link loop"])
+def test_the_node_cache_refuses_a_folder_whose_guard_json_is_gone(guard_folder, tmp_path, manifest):
+    """OpenedIndexes (what LoadGuardIndex opens through) stat'ed guard.json before the opener could word
+    the problem: a raw FileNotFoundError, or OSError for a link loop. Now the opener's message."""
+    from nudging_core.index_guard import OpenedIndexes
+    folder = _copy_guard(guard_folder[0], str(tmp_path / "g"))
+    os.remove(os.path.join(folder, MANIFEST))
+    if manifest == "link loop":
+        os.symlink(MANIFEST, os.path.join(folder, MANIFEST))
+    cache = OpenedIndexes()
+    with pytest.raises(NudgeInputError, match="holds no guard.json"):
+        cache.get(folder, "g")
+    assert len(cache) == 0
