@@ -88,6 +88,11 @@ function vueNodesMode() {
   return !!globalThis.LiteGraph?.vueNodesMode;
 }
 
+/** Under Nodes 2.0 the widget's own canvas: named after the widget, so tests and styles can find it. */
+function tagVueCanvas(ctx, widgetName) {
+  if (vueNodesMode() && ctx.canvas && ctx.canvas !== app.canvas?.canvas) ctx.canvas.dataset.nudgingWidget = widgetName;
+}
+
 function redrawPackWidgets(node) {
   const vue = vueNodesMode();
   for (const w of node.widgets ?? []) {
@@ -120,6 +125,7 @@ function panelWidget(node) {
       return [width ?? node.size[0], panelHeight(node.nudging)];
     },
     draw(ctx, drawnNode, width, y) {
+      tagVueCanvas(ctx, PANEL_WIDGET);
       if (drawnNode.nudging) drawPanel(ctx, drawnNode.nudging, 10, y + 2, width - 20);
     },
   };
@@ -140,6 +146,7 @@ function labelWidget(node) {
     // Drawn after the image preview widget (kept last), so the labels sit on top of the images.
     draw(ctx, drawnNode, width, y) {
       const labels = drawnNode.nudging?.labels;
+      tagVueCanvas(ctx, LABEL_WIDGET);
       if (vueNodesMode()) {
         if (labels?.length) drawImageLabels(ctx, labels, labelRow(labels.length, width, y));
         return;

@@ -86,7 +86,7 @@ def open_page(browser, host):
     context.add_init_script("""
         window.widgetCanvas = (node, widget) => {
             const el = document.querySelector(
-                `[data-node-id="${node.id}"] [data-widget-name="${widget.name}"] canvas`);
+                `[data-node-id="${node.id}"] canvas[data-nudging-widget="${widget.name}"]`);
             if (!el || !el.width || !el.height) return null;
             const pixels = el.getContext("2d").getImageData(0, 0, el.width, el.height).data;
             let drawn = false, hash = 0;
