@@ -45,13 +45,15 @@ fuzz: host
 
 # What the memorization filter costs against guarded sets of growing size (512x512 items, exact
 # tiled-L2 path) and how the comparison size changes its verdict on planted copies (issue #12).
-# Prints tables; writes bench/filter_scale.json and bench/comparison_size.json.
+# Prints tables; writes bench/filter_scale.json, bench/comparison_size.json, bench/scale.json and
+# bench/build_throughput.json (building a guard index from image files, one process vs Ray Data).
 SCALE_SIZES ?= 100 500 1000 2000
 .PHONY: bench-scale
 bench-scale: host
 	$(PY) -m bench.comparison_size --json bench/comparison_size.json
 	$(PY) -m bench.filter_scale --sizes $(SCALE_SIZES) --json bench/filter_scale.json
 	$(PY) -m bench.scale_million --sizes $(MILLION_SIZES) --json bench/scale.json
+	$(PY) -m bench.build_throughput --files 4000 --size 512 --num-cpus 2 --json bench/build_throughput.json
 
 # The guard index (nudging_core/guard_index.py) at up to a million items: writes about 13 GB of
 # shards under out/ while it runs (deleted after), about 5 minutes here. MILLION_SIZES=1000000 for the largest only.
