@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 from comfy_api.latest import io
@@ -32,6 +33,31 @@ def user_input(node_id: str, input_name: str):
         yield
     except NudgeInputError as exc:
         raise NudgeNodeError(f"{node_id}: input '{input_name}': {exc}") from None
+
+
+def queue_time_check(find, node_id: str, value) -> bool | str:
+    """validate_inputs' answer for a name that find(node_id, value) resolves to a file or folder: True, or
+    the message naming the node, the input and the fix. Naming the input in validate_inputs makes ComfyUI
+    skip its own combo check ("Value not in list"), so a missing one is refused with this message at
+    queue time. A value fed by a link is None there: it is only known when the graph runs."""
+    if value is None:
+        return True
+    try:
+        find(node_id, value)
+    except NudgeNodeError as exc:
+        return str(exc)
+    return True
+
+
+def stat_fingerprint(find, node_id: str, value, file_in=lambda found: found) -> str:
+    """fingerprint_inputs for a name resolved by find: changes when the file (file_in(what find found))
+    is rewritten, not only when the name changes; the name itself where it does not resolve."""
+    try:
+        path = file_in(find(node_id, value))
+        stat = os.stat(path)
+    except (NudgeNodeError, OSError):
+        return value
+    return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
 def desired_prompt_inputs(effect: str, strength_tooltip: str) -> list:

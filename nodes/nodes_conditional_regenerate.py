@@ -8,18 +8,15 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..nudging_core.memorization import PASSED, STILL_FLAGGED, Verdict, merge_regenerated
-from ..nudging_core.preview_retention import PreviewRetention
+from ..nudging_core.preview_retention import PREVIEW_NODES_KEPT, PREVIEW_RUNS_KEPT, PreviewRetention
 from .common import CATEGORY, VerdictType, check_inputs, user_input
 
 STILL_FLAGGED_ACTIONS = ("report", "blank")
 
 # Before/after previews go to ComfyUI's temp/, which ComfyUI empties only at startup: a server left
 # running wrote one file per image per flagged run (202 in a 300-prompt soak). Each node keeps the
-# previews of its last 8 runs that wrote any (the canvas shows the latest; the queue panel's recent
-# entries still open) and deletes its own older ones. Up to 64 node ids are remembered, so temp/
-# holds at most 64 x 8 runs of these previews however often graphs change.
-PREVIEW_RUNS_KEPT = 8
-PREVIEW_NODES_KEPT = 64
+# previews of its last PREVIEW_RUNS_KEPT runs that wrote any and deletes its own older ones; up to
+# PREVIEW_NODES_KEPT node ids are remembered (nudging_core/preview_retention.py).
 _previews = PreviewRetention(PREVIEW_RUNS_KEPT, PREVIEW_NODES_KEPT)   # server-lifetime, like temp/ itself
 
 

@@ -10,7 +10,8 @@ from comfy_api.latest import io, ui
 
 from ..nudging_core import embedding_set as sets
 from ..nudging_core.guard_index import MANIFEST
-from .common import CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, check_inputs, user_input
+from .common import (CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, check_inputs, queue_time_check,
+                     stat_fingerprint, user_input)
 
 
 def register_set_folder() -> None:
@@ -69,24 +70,12 @@ class LoadEmbeddingSet(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, set_name):
-        # Naming set_name here makes ComfyUI skip its own combo check ("Value not in list") for this
-        # input at queue time, so a missing set is rejected with the message that names the fix.
-        if set_name is None:        # fed by a link: its value is only known when the graph runs
-            return True
-        try:
-            find_set_file("LoadEmbeddingSet", set_name)
-        except NudgeNodeError as exc:
-            return str(exc)
-        return True
+        return queue_time_check(find_set_file, "LoadEmbeddingSet", set_name)
 
     @classmethod
     def fingerprint_inputs(cls, set_name):
         # Reload when the file changes on disk, not only when the name changes.
-        try:
-            path = find_set_file("LoadEmbeddingSet", set_name)
-            return f"{path}:{os.path.getmtime(path)}:{os.path.getsize(path)}"
-        except NudgeNodeError:
-            return set_name
+        return stat_fingerprint(find_set_file, "LoadEmbeddingSet", set_name)
 
     @classmethod
     def execute(cls, set_name) -> io.NodeOutput:

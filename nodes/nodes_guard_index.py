@@ -15,7 +15,7 @@ from ..nudging_core import embedding_set as sets
 from ..nudging_core.errors import NudgeInputError
 from ..nudging_core.guard_index import MANIFEST
 from ..nudging_core.index_guard import OpenedIndexes
-from .common import CATEGORY, SET_FOLDER, GuardIndexType, NudgeNodeError, user_input
+from .common import CATEGORY, SET_FOLDER, GuardIndexType, NudgeNodeError, queue_time_check, stat_fingerprint, user_input
 
 NODE_ID = "LoadGuardIndex"
 BUILD_HINT = ("build one into a subfolder of models/embedding_sets: python -m guard_build --images DIR --out "
@@ -86,25 +86,12 @@ class LoadGuardIndex(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, guard_name):
-        # Naming guard_name here makes ComfyUI skip its own combo check, so a missing index is refused
-        # at queue time with the message that names the fix (as LoadEmbeddingSet does).
-        if guard_name is None:        # fed by a link: known only when the graph runs
-            return True
-        try:
-            find_guard_folder(NODE_ID, guard_name)
-        except NudgeNodeError as exc:
-            return str(exc)
-        return True
+        return queue_time_check(find_guard_folder, NODE_ID, guard_name)
 
     @classmethod
     def fingerprint_inputs(cls, guard_name):
         # Opened again when the index is rebuilt (a new guard.json), not only when the name changes.
-        try:
-            manifest = os.path.join(find_guard_folder(NODE_ID, guard_name), MANIFEST)
-            stat = os.stat(manifest)
-            return f"{manifest}:{stat.st_mtime_ns}:{stat.st_size}"
-        except (NudgeNodeError, OSError):
-            return guard_name
+        return stat_fingerprint(find_guard_folder, NODE_ID, guard_name, lambda folder: os.path.join(folder, MANIFEST))
 
     @classmethod
     def execute(cls, guard_name) -> io.NodeOutput:

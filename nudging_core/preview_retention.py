@@ -13,6 +13,10 @@ import threading
 from collections import OrderedDict, deque
 
 PreviewFile = tuple[str, str]   # (subfolder, filename) inside the temp folder
+# ConditionalRegenerate's window: the canvas shows the latest run; the queue panel's recent entries
+# still open. At most 64 x 8 runs of previews are kept however often graphs change.
+PREVIEW_RUNS_KEPT = 8
+PREVIEW_NODES_KEPT = 64
 
 
 class PreviewRetention:

@@ -5,6 +5,7 @@ runs. RSS over so few prompts is noise: printed, with only a loose sanity bound.
 """
 import os
 
+from nudging_core.preview_retention import PREVIEW_RUNS_KEPT
 from tools import soak
 
 PROMPTS, INTERRUPT_EVERY, WARMUP = 35, 8, 8
@@ -14,7 +15,6 @@ PROMPTS, INTERRUPT_EVERY, WARMUP = 35, 8, 8
 # than it keeps while the cheap clean and single-pass prompts make up the rest. A change to
 # make_prompt's draws may need another seed.
 SEED = 19
-PREVIEW_RUNS_KEPT = 8            # nodes/nodes_conditional_regenerate.py (not importable without ComfyUI)
 MAX_FILES_PER_RUN = 4            # batch 2: two flagged originals and their two replacements
 
 
