@@ -6,6 +6,7 @@ import math
 import os
 
 import torch
+import folder_paths
 from comfy_api.latest import io
 
 from ..nudging_core.embedding_set import EmbeddingSet, check_latent_compatible, encoder_identity
@@ -33,6 +34,16 @@ def user_input(node_id: str, input_name: str):
         yield
     except NudgeInputError as exc:
         raise NudgeNodeError(f"{node_id}: input '{input_name}': {exc}") from None
+
+
+def set_folder_listing(manifest_name: str) -> tuple[list[str], set[str]]:
+    """Every file under the embedding_sets folders (relative names, ComfyUI's cached listing) and the
+    folders among them that hold a guard index (a `manifest_name` file; "" for a top-level one)."""
+    try:
+        names = folder_paths.get_filename_list(SET_FOLDER)
+    except KeyError:
+        return [], set()
+    return names, {os.path.dirname(n) for n in names if os.path.basename(n) == manifest_name}
 
 
 def queue_time_check(find, node_id: str, value) -> bool | str:

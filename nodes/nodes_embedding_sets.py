@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 from ..nudging_core import embedding_set as sets
 from ..nudging_core.guard_index import MANIFEST
 from .common import (CATEGORY, SET_FOLDER, EmbeddingSetType, NudgeNodeError, check_inputs, queue_time_check,
-                     stat_fingerprint, user_input)
+                     set_folder_listing, stat_fingerprint, user_input)
 
 
 def register_set_folder() -> None:
@@ -20,12 +20,8 @@ def register_set_folder() -> None:
 
 
 def list_set_names() -> list[str]:
-    try:
-        names = folder_paths.get_filename_list(SET_FOLDER)
-    except KeyError:
-        return []
     # A guard index's shards are safetensors files too, but not sets: Load Guard Index lists their folder.
-    guard_folders = {os.path.dirname(n) for n in names if os.path.basename(n) == MANIFEST}
+    names, guard_folders = set_folder_listing(MANIFEST)
     return [n for n in names if n.endswith(sets.EXTENSION) and os.path.dirname(n) not in guard_folders]
 
 

@@ -15,7 +15,8 @@ from ..nudging_core import embedding_set as sets
 from ..nudging_core.errors import NudgeInputError
 from ..nudging_core.guard_index import MANIFEST
 from ..nudging_core.index_guard import OpenedIndexes
-from .common import CATEGORY, SET_FOLDER, GuardIndexType, NudgeNodeError, queue_time_check, stat_fingerprint, user_input
+from .common import (CATEGORY, SET_FOLDER, GuardIndexType, NudgeNodeError, queue_time_check, set_folder_listing,
+                     stat_fingerprint, user_input)
 
 NODE_ID = "LoadGuardIndex"
 BUILD_HINT = ("build one into a subfolder of models/embedding_sets: python -m guard_build --images DIR --out "
@@ -28,11 +29,7 @@ _opened = OpenedIndexes(keep=2)
 
 def list_guard_names() -> list[str]:
     """The folders under the embedding_sets folders that hold a guard.json, by relative path."""
-    try:
-        names = folder_paths.get_filename_list(SET_FOLDER)
-    except KeyError:
-        return []
-    found = {os.path.dirname(n) for n in names if os.path.basename(n) == MANIFEST}
+    _names, found = set_folder_listing(MANIFEST)
     return sorted(n for n in found if n)
 
 
