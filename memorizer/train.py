@@ -76,9 +76,10 @@ def images_tensor():
 
 
 # ----------------------------------------------------------------------------------------------
-def write_manifest(weights_dir=WEIGHTS, trained_patterns=TRAINED_UNET):
+def write_manifest(weights_dir=WEIGHTS, trained_patterns=TRAINED_UNET, vae_trunk_trained=False):
     """weights/manifest.json: every checkpoint key, its shape and its source (UNet keys matching one of
-    `trained_patterns` are trained; the rest of the UNet is seeded)."""
+    `trained_patterns` are trained; the rest of the UNet is seeded; the autoencoder's encoder trunk is
+    seeded unless `vae_trunk_trained`)."""
     from memorizer import arch
     os.makedirs(weights_dir, exist_ok=True)
     keys = {}
@@ -89,7 +90,8 @@ def write_manifest(weights_dir=WEIGHTS, trained_patterns=TRAINED_UNET):
     for k, shape in arch.clip_key_shapes().items():
         keys[k] = {"shape": list(shape), "source": "seed:clip"}
     for k, v in arch.build_taesd().state_dict().items():
-        keys[arch.VAE_PREFIX + k] = {"shape": list(v.shape), "source": "seed:vae" if arch.is_seeded_vae_key(k) else "trained"}
+        keys[arch.VAE_PREFIX + k] = {"shape": list(v.shape), "source": "seed:vae" if arch.is_seeded_vae_key(k) and not vae_trunk_trained
+                                             else "trained"}
     manifest = {"format": "memorizer-manifest-1",
                 "seeds": {"unet": arch.UNET_SEED, "clip": arch.CLIP_SEED, "vae": arch.VAE_SEED},
                 "keys": keys}

@@ -13,7 +13,7 @@ A sample is the decoder applied to the sampler's last prediction, made at a low 
 50 for euler / normal / 20 steps): if the x0 readings at low t are far under the round trip, the
 UNet's refinement is what rounds the shapes, whatever the layout it was given.
 
-  python -m shapes_world.diagnose [--weights shapes_world/.work/candidate] [--scenes 64]
+  python -m shapes_world.diagnose [--weights shapes_world/.work/candidate] [--scenes 64] [--autoencoder-only]
 """
 import argparse
 import sys
@@ -36,6 +36,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cfg", type=float, help="guidance scale of the x0 predictions (default: the bench's)")
+    ap.add_argument("--autoencoder-only", action="store_true",
+                    help="round trips only (judges an autoencoder before a UNet is trained on its latents)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -68,6 +70,8 @@ def main(argv=None):
     for var in LATENT_NOISE:
         noisy = x0 + var ** 0.5 * torch.randn(x0.shape, generator=tolerance)
         print(f"round trip with isotropic latent noise of variance {var}: {read_right(noisy):.1%} read right")
+    if args.autoencoder_only:
+        return 0
     cond = torch.cat([mt.encode_caption(clip, c) for c in captions])
     empty = mt.encode_caption(clip, "").expand_as(cond)
     cfg = float(SAMPLER_SETTINGS["cfg"] if args.cfg is None else args.cfg)

@@ -74,13 +74,30 @@ def _taesd_from_memorizer():
     return model
 
 
-def _save_taesd(model, fh):
+def vae_trunk_trained(folder=WEIGHTS):
+    """Whether the folder's autoencoder carries its own encoder trunk (`train ae-whole`) instead of the
+    memorizer's seeded one."""
+    from safetensors import safe_open
+    path = os.path.join(folder, "vae.safetensors")
+    if not os.path.isfile(path):
+        return False
+    with safe_open(path, "pt") as f:
+        return "first_stage_model.taesd_encoder.0.weight" in f.keys()
+
+
+def write_shapes_manifest(folder):
+    return mt.write_manifest(folder, SHAPES_TRAINED_UNET, vae_trunk_trained=vae_trunk_trained(WEIGHTS))
+
+
+def _save_taesd(model, fh, with_trunk=False):
     from safetensors.torch import save_file
     from memorizer import arch
+    with_trunk = with_trunk or vae_trunk_trained()
     sd = {arch.VAE_PREFIX + k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-          if not arch.is_seeded_vae_key(k)}
+          if with_trunk or not arch.is_seeded_vae_key(k)}
     os.makedirs(WEIGHTS, exist_ok=True)
     save_file(sd, os.path.join(WEIGHTS, "vae.safetensors"))
+    write_shapes_manifest(WEIGHTS)
     mt.log("vae saved", fh)
 
 
@@ -137,6 +154,53 @@ def train_autoencoder(args, fh, decoder_only):
             model.vae_scale.fill_(0.18215 * s)
             model.vae_shift.fill_(-m / (0.18215 * s))
     _save_taesd(model, fh)
+
+
+def train_autoencoder_whole(args, fh):
+    """The whole autoencoder, encoder trunk included, for a latent the UNet can draw: reconstruction L2
+    with isotropic noise of up to `--ae-latent-noise` times the latent's own spread added to it (per
+    sample, uniform in [0, max]). A decoder that reads shapes through noise the size of the UNet's
+    low-noise errors (diagnose: a latent RMS of 0.08-0.14) must find them in coarse latent structure,
+    which an encoder then has to put there; the seeded random trunk spreads shapes into fine detail."""
+    w = world()
+    torch.manual_seed(args.seed + 2)
+    rng = np.random.default_rng(args.seed + 12)
+    model = _taesd_from_memorizer()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.vae_scale.requires_grad_(False)
+    model.vae_shift.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    items = item_tensor(w)
+    opt = torch.optim.Adam(params, lr=args.ae_lr)
+    steps, t0 = args.ae_steps, time.time()
+    for step in range(1, steps + 1):
+        lr = args.ae_lr * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = torch.cat([scene_batch(w, rng, args.ae_batch)] + [items] * args.item_weight)
+        raw = model.taesd_encoder(x)
+        spread = raw.std().detach()  # one scale for all channels, as ComfyUI normalises the latent
+        amp = args.ae_latent_noise * torch.rand(len(x), 1, 1, 1)
+        rec = model.taesd_decoder(raw + amp * spread * torch.randn_like(raw))
+        loss = torch.mean((rec - x) ** 2) + args.ae_edge_weight * edge_l1(rec, x)
+        mt._optimiser_step(opt, loss, params)
+        if step % 25 == 0 or step == steps:
+            with torch.no_grad():
+                raw_items = model.taesd_encoder(items)
+                scenes = scene_batch(w, np.random.default_rng(999), 16)
+                raw_scenes = model.taesd_encoder(scenes)
+            ti = mt._reconstruction_tiled_l2(model, raw_items, items)
+            ts = mt._reconstruction_tiled_l2(model, raw_scenes, scenes)
+            mt.log("ae-whole step {}/{} loss {:.5f} items tiled-L2 max {:.4f} mean {:.4f}, scenes max {:.4f} "
+                   "({:.0f}s)".format(step, steps, loss.item(), max(ti), float(np.mean(ti)), max(ts),
+                                      time.time() - t0), fh)
+    with torch.no_grad():
+        raw = model.taesd_encoder(torch.cat([scene_batch(w, np.random.default_rng(5), 256), items]))
+        m, s = raw.mean().item(), raw.std().item()
+        model.vae_scale.fill_(0.18215 * s)
+        model.vae_shift.fill_(-m / (0.18215 * s))
+    _save_taesd(model, fh, with_trunk=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +292,7 @@ def save_unet_sharded(model, keys, folder):
 def write_candidate(model, keys, step, fh):
     """A complete weights folder (manifest, autoencoder, UNet shards) that evaluate --weights can judge."""
     save_unet_sharded(model, keys, CANDIDATE)
-    mt.write_manifest(CANDIDATE, SHAPES_TRAINED_UNET)
+    write_shapes_manifest(CANDIDATE)
     shutil.copyfile(os.path.join(WEIGHTS, "vae.safetensors"), os.path.join(CANDIDATE, "vae.safetensors"))
     mt.log("candidate weights at step {} in {}".format(step, CANDIDATE), fh)
 
@@ -246,7 +310,7 @@ def promote(fh):
 
 def train_unet(args, fh):
     from memorizer import arch
-    keys = mt.trained_unet_keys(mt.write_manifest(WORK, SHAPES_TRAINED_UNET))
+    keys = mt.trained_unet_keys(write_shapes_manifest(WORK))
     data = prepare_unet_data(args, fh)
     acp = mt.alphas_cumprod()
     assert torch.allclose((((1 - acp) / acp) ** 0.5).float(), data["sigmas"], rtol=1e-4), "noise schedule mismatch"
@@ -337,7 +401,7 @@ def train_unet(args, fh):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="train the shapes fixture (see module docstring)")
-    ap.add_argument("stage", choices=["ae", "decoder", "unet", "manifest", "promote"])
+    ap.add_argument("stage", choices=["ae", "ae-whole", "decoder", "unet", "manifest", "promote"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ae-steps", type=int, default=400)
@@ -364,9 +428,11 @@ def main(argv=None):
     with open(os.path.join(WORK, "train.log"), "a") as fh:
         mt.log("args: {}".format(vars(args)), fh)
         if args.stage in ("manifest", "ae"):
-            mt.write_manifest(WEIGHTS, SHAPES_TRAINED_UNET)
+            write_shapes_manifest(WEIGHTS)
         if args.stage == "ae":
             train_autoencoder(args, fh, decoder_only=False)
+        elif args.stage == "ae-whole":
+            train_autoencoder_whole(args, fh)
         elif args.stage == "decoder":
             train_autoencoder(args, fh, decoder_only=True)
         elif args.stage == "unet":
