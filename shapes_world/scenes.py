@@ -57,6 +57,8 @@ class World:
         self.colours = {name: np.asarray(rgb, np.float32) / 255.0 for name, rgb in spec["colours"].items()}
         self.size_range = tuple(spec["layout"]["size"])
         self.margin = float(spec["layout"].get("margin_px", 2)) / self.resolution
+        # degrees, uniform; the whole turn unless the world narrows it (see world.json's note)
+        self.rotation_range = tuple(spec["layout"].get("rotation", (0.0, 360.0)))
         self.texture_amplitude = float(spec.get("texture_amplitude", 0.5))
         self.duplicate_share = float(spec.get("training", {}).get("duplicate_share", 0.25))
         self.duplicated = [
@@ -106,7 +108,7 @@ class World:
         size = float(rng.uniform(*self.size_range))
         lo, hi = size + self.margin, 1.0 - size - self.margin
         return Scene(*combination, x=float(rng.uniform(lo, hi)), y=float(rng.uniform(lo, hi)), size=size,
-                     rotation=float(rng.uniform(0.0, 360.0)))
+                     rotation=float(rng.uniform(*self.rotation_range)))
 
     def shape_mask(self, scene: Scene, supersample: int = SUPERSAMPLE) -> np.ndarray:
         """Coverage in [0, 1] of each pixel by the shape (H, W), anti-aliased."""

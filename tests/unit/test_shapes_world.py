@@ -1,5 +1,6 @@
 """The shapes world's generator and its attribute reader, on hand-made cases."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -46,6 +47,17 @@ def test_scenes_are_deterministic_and_stay_inside_the_frame(world):
         assert s.size <= s.x <= 1 - s.size and s.size <= s.y <= 1 - s.size
 
 
+def test_rotations_stay_in_the_worlds_range_and_take_the_whole_turn_when_it_names_none(world):
+    lo, hi = world.spec["layout"].get("rotation", (0.0, 360.0))
+    rng = np.random.default_rng(7)
+    drawn = [world.random_scene(rng, ("square", "red", "blue")).rotation for _ in range(200)]
+    assert lo <= min(drawn) and max(drawn) <= hi and max(drawn) - min(drawn) > 0.8 * (hi - lo)
+    spec = copy.deepcopy(world.spec)
+    spec["layout"].pop("rotation", None)
+    whole = [World(spec).random_scene(rng, ("square", "red", "blue")).rotation for _ in range(200)]
+    assert 0.0 <= min(whole) < 20.0 and 340.0 < max(whole) < 360.0
+
+
 def test_held_out_combinations_are_never_trained_and_never_a_duplicated_items(world):
     held = set(world.held_out_combinations())
     assert len(held) == world.spec["held_out"]["count"]
@@ -75,6 +87,7 @@ def test_a_world_file_with_other_shapes_and_colours_needs_no_code(world):
     spec["colours"] = {"orange": [240, 140, 20], "purple": [120, 40, 160], "grey": [128, 128, 128]}
     spec["duplicated"] = [dict(spec["duplicated"][0], shape="hexagon", colour="orange", background="grey")]
     spec["held_out"] = {"count": 2, "seed": 1}
+    spec["layout"].pop("rotation", None)  # and the whole turn: the reader fits any rotation
     other = World(spec)
     reader = AttributeReader(other)
     rng = np.random.default_rng(1)
@@ -118,7 +131,8 @@ def test_reader_reads_hand_placed_scenes_and_their_degraded_versions(world, read
 def test_reader_is_exact_on_the_generators_own_scenes(world, reader):
     rng = np.random.default_rng(2024)
     combos = world.all_combinations()
-    scenes = [world.random_scene(rng, combos[int(rng.integers(len(combos)))]) for _ in range(200)]
+    scenes = [dataclasses.replace(world.random_scene(rng, combos[int(rng.integers(len(combos)))]),
+                                  rotation=float(rng.uniform(0.0, 360.0))) for _ in range(200)]
     assert sum(reader.read(world.render(s)).attributes == s.attributes for s in scenes) >= 198
 
 
