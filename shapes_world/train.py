@@ -1,6 +1,7 @@
 """One-time, seeded CPU training of the shapes fixture (same checkpoint layout as the memorizer).
 
   python -m shapes_world.train ae      [--ae-steps N]  # encoder head + decoder -> weights/vae.safetensors
+  python -m shapes_world.train ae-whole [--ae-steps N] # the encoder trunk too, under relative latent noise
   python -m shapes_world.train decoder [--ae-steps N]  # decoder only, duplicated items weighted up
   python -m shapes_world.train unet    [--steps N] [--resume]   # trained UNet -> .work/candidate/unet*.safetensors
   python -m shapes_world.train promote                          # candidate -> weights/ (after evaluating it)
@@ -109,15 +110,31 @@ def edge_l1(rec, x):
     return (dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean()
 
 
-def train_autoencoder(args, fh, decoder_only):
+AE_MODES = {  # mode: (seed offset, what trains)
+    "head": (0, lambda name: name.startswith("taesd_decoder.") or name.startswith("taesd_encoder.14.")),
+    "decoder": (1, lambda name: name.startswith("taesd_decoder.")),
+    "whole": (2, lambda name: name not in ("vae_scale", "vae_shift")),
+}
+
+
+def train_autoencoder(args, fh, mode):
     """Reconstruction L2 with latent noise; a batch is `--ae-batch` fresh scenes plus every duplicated
-    item `--item-weight` times (a copy only counts when the decoder draws the item's texture)."""
+    item `--item-weight` times (a copy only counts when the decoder draws the item's texture).
+
+    head: the encoder's last conv and the decoder, noise `--ae-latent-noise` in raw latent units.
+    decoder: the decoder alone (the latents, and so a UNet trained on them, stay valid).
+    whole: the encoder trunk too, with isotropic noise of up to `--ae-latent-noise` times the latent's own
+      spread (per sample, uniform in [0, max]). A decoder that reads shapes through noise the size of the
+      UNet's low-noise errors (diagnose: a latent RMS of 0.08-0.14) must find them in coarse latent
+      structure, which the encoder then has to put there; the seeded random trunk spreads shapes into fine
+      detail that the UNet cannot tell from noise."""
     w = world()
-    torch.manual_seed(args.seed + (1 if decoder_only else 0))
-    rng = np.random.default_rng(args.seed + (11 if decoder_only else 10))
+    offset, trains = AE_MODES[mode]
+    torch.manual_seed(args.seed + offset)
+    rng = np.random.default_rng(args.seed + 10 + offset)
     model = _taesd_from_memorizer()
     for n_, p in model.named_parameters():
-        p.requires_grad_(n_.startswith("taesd_decoder.") or (not decoder_only and n_.startswith("taesd_encoder.14.")))
+        p.requires_grad_(trains(n_))
     params = [p for p in model.parameters() if p.requires_grad]
     items = item_tensor(w)
     opt = torch.optim.Adam(params, lr=args.ae_lr)
@@ -127,12 +144,13 @@ def train_autoencoder(args, fh, decoder_only):
         for g in opt.param_groups:
             g["lr"] = lr
         x = torch.cat([scene_batch(w, rng, args.ae_batch)] + [items] * args.item_weight)
-        if decoder_only:
-            with torch.no_grad():
-                raw = model.taesd_encoder(x)
-        else:
+        with torch.set_grad_enabled(mode != "decoder"):
             raw = model.taesd_encoder(x)
-        z = raw + args.ae_latent_noise * torch.randn_like(raw)
+        if mode == "whole":
+            spread = raw.std().detach()  # one scale for all channels, as ComfyUI normalises the latent
+            z = raw + args.ae_latent_noise * torch.rand(len(x), 1, 1, 1) * spread * torch.randn_like(raw)
+        else:
+            z = raw + args.ae_latent_noise * torch.randn_like(raw)
         rec = model.taesd_decoder(z)
         loss = torch.mean((rec - x) ** 2) + args.ae_edge_weight * edge_l1(rec, x)
         mt._optimiser_step(opt, loss, params)
@@ -143,69 +161,23 @@ def train_autoencoder(args, fh, decoder_only):
                 raw_scenes = model.taesd_encoder(scenes)
             ti = mt._reconstruction_tiled_l2(model, raw_items, items)
             ts = mt._reconstruction_tiled_l2(model, raw_scenes, scenes)
-            mt.log("{} step {}/{} loss {:.5f} items tiled-L2 max {:.4f} mean {:.4f}, scenes max {:.4f} ({:.0f}s)".format(
-                "decoder" if decoder_only else "ae", step, steps, loss.item(), max(ti), float(np.mean(ti)), max(ts),
-                time.time() - t0), fh)
-    if not decoder_only:
+            mt.log("ae ({}) step {}/{} loss {:.5f} items tiled-L2 max {:.4f} mean {:.4f}, scenes max {:.4f} "
+                   "({:.0f}s)".format(mode, step, steps, loss.item(), max(ti), float(np.mean(ti)), max(ts),
+                                      time.time() - t0), fh)
+    if mode != "decoder":
         with torch.no_grad():
             raw = model.taesd_encoder(torch.cat([scene_batch(w, np.random.default_rng(5), 256), items]))
             m, s = raw.mean().item(), raw.std().item()
             # comfy: x0 = 0.18215 * (raw / vae_scale + vae_shift) -> unit std, zero mean
             model.vae_scale.fill_(0.18215 * s)
             model.vae_shift.fill_(-m / (0.18215 * s))
-    _save_taesd(model, fh)
-
-
-def train_autoencoder_whole(args, fh):
-    """The whole autoencoder, encoder trunk included, for a latent the UNet can draw: reconstruction L2
-    with isotropic noise of up to `--ae-latent-noise` times the latent's own spread added to it (per
-    sample, uniform in [0, max]). A decoder that reads shapes through noise the size of the UNet's
-    low-noise errors (diagnose: a latent RMS of 0.08-0.14) must find them in coarse latent structure,
-    which an encoder then has to put there; the seeded random trunk spreads shapes into fine detail."""
-    w = world()
-    torch.manual_seed(args.seed + 2)
-    rng = np.random.default_rng(args.seed + 12)
-    model = _taesd_from_memorizer()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.vae_scale.requires_grad_(False)
-    model.vae_shift.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    items = item_tensor(w)
-    opt = torch.optim.Adam(params, lr=args.ae_lr)
-    steps, t0 = args.ae_steps, time.time()
-    for step in range(1, steps + 1):
-        lr = args.ae_lr * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = torch.cat([scene_batch(w, rng, args.ae_batch)] + [items] * args.item_weight)
-        raw = model.taesd_encoder(x)
-        spread = raw.std().detach()  # one scale for all channels, as ComfyUI normalises the latent
-        amp = args.ae_latent_noise * torch.rand(len(x), 1, 1, 1)
-        rec = model.taesd_decoder(raw + amp * spread * torch.randn_like(raw))
-        loss = torch.mean((rec - x) ** 2) + args.ae_edge_weight * edge_l1(rec, x)
-        mt._optimiser_step(opt, loss, params)
-        if step % 25 == 0 or step == steps:
-            with torch.no_grad():
-                raw_items = model.taesd_encoder(items)
-                scenes = scene_batch(w, np.random.default_rng(999), 16)
-                raw_scenes = model.taesd_encoder(scenes)
-            ti = mt._reconstruction_tiled_l2(model, raw_items, items)
-            ts = mt._reconstruction_tiled_l2(model, raw_scenes, scenes)
-            mt.log("ae-whole step {}/{} loss {:.5f} items tiled-L2 max {:.4f} mean {:.4f}, scenes max {:.4f} "
-                   "({:.0f}s)".format(step, steps, loss.item(), max(ti), float(np.mean(ti)), max(ts),
-                                      time.time() - t0), fh)
-    with torch.no_grad():
-        raw = model.taesd_encoder(torch.cat([scene_batch(w, np.random.default_rng(5), 256), items]))
-        m, s = raw.mean().item(), raw.std().item()
-        model.vae_scale.fill_(0.18215 * s)
-        model.vae_shift.fill_(-m / (0.18215 * s))
-    _save_taesd(model, fh, with_trunk=True)
+    _save_taesd(model, fh, with_trunk=mode == "whole")
 
 
 # ----------------------------------------------------------------------------------------------
 def encoder_fingerprint():
-    """Hash of what makes the latents (encoder head, scale, shift): a decoder-only pass keeps the cache."""
+    """Hash of what makes the latents (the encoder's trained tensors, scale, shift): a decoder-only pass
+    keeps the cache."""
     import hashlib
     from safetensors.torch import load_file
     h = hashlib.sha256()
@@ -430,11 +402,11 @@ def main(argv=None):
         if args.stage in ("manifest", "ae"):
             write_shapes_manifest(WEIGHTS)
         if args.stage == "ae":
-            train_autoencoder(args, fh, decoder_only=False)
+            train_autoencoder(args, fh, "head")
         elif args.stage == "ae-whole":
-            train_autoencoder_whole(args, fh)
+            train_autoencoder(args, fh, "whole")
         elif args.stage == "decoder":
-            train_autoencoder(args, fh, decoder_only=True)
+            train_autoencoder(args, fh, "decoder")
         elif args.stage == "unet":
             train_unet(args, fh)
         elif args.stage == "promote":
