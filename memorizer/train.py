@@ -90,8 +90,8 @@ def write_manifest(weights_dir=WEIGHTS, trained_patterns=TRAINED_UNET, vae_trunk
     for k, shape in arch.clip_key_shapes().items():
         keys[k] = {"shape": list(shape), "source": "seed:clip"}
     for k, v in arch.build_taesd().state_dict().items():
-        keys[arch.VAE_PREFIX + k] = {"shape": list(v.shape), "source": "seed:vae" if arch.is_seeded_vae_key(k) and not vae_trunk_trained
-                                             else "trained"}
+        seeded = arch.is_seeded_vae_key(k) and not vae_trunk_trained
+        keys[arch.VAE_PREFIX + k] = {"shape": list(v.shape), "source": "seed:vae" if seeded else "trained"}
     manifest = {"format": "memorizer-manifest-1",
                 "seeds": {"unet": arch.UNET_SEED, "clip": arch.CLIP_SEED, "vae": arch.VAE_SEED},
                 "keys": keys}
