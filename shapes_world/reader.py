@@ -116,9 +116,6 @@ class AttributeReader:
         purity = float((near_bg | near_fg).mean())
         return Reading(shape, self.names[fg_i], self.names[bg_i], round(purity * overlap, 4))
 
-    def matches(self, image: np.ndarray, attributes: tuple[str, str, str]) -> bool:
-        return self.read(image).attributes == tuple(attributes)
-
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean mask (iterative flood fill, no scipy)."""

@@ -86,8 +86,11 @@ def vae_trunk_trained(folder=WEIGHTS):
         return "first_stage_model.taesd_encoder.0.weight" in f.keys()
 
 
-def write_shapes_manifest(folder):
-    return mt.write_manifest(folder, SHAPES_TRAINED_UNET, vae_trunk_trained=vae_trunk_trained(WEIGHTS))
+def write_shapes_manifest(folder, trunk_trained=None):
+    """The manifest of a shapes weights folder; the encoder trunk is trained when weights/ carries one."""
+    if trunk_trained is None:
+        trunk_trained = vae_trunk_trained(WEIGHTS)
+    return mt.write_manifest(folder, SHAPES_TRAINED_UNET, vae_trunk_trained=trunk_trained)
 
 
 def _save_taesd(model, fh, with_trunk=False):
@@ -98,7 +101,7 @@ def _save_taesd(model, fh, with_trunk=False):
           if with_trunk or not arch.is_seeded_vae_key(k)}
     os.makedirs(WEIGHTS, exist_ok=True)
     save_file(sd, os.path.join(WEIGHTS, "vae.safetensors"))
-    write_shapes_manifest(WEIGHTS)
+    write_shapes_manifest(WEIGHTS, trunk_trained=with_trunk)
     mt.log("vae saved", fh)
 
 

@@ -54,7 +54,8 @@ def test_rotations_stay_in_the_worlds_range_and_take_the_whole_turn_when_it_name
     assert lo <= min(drawn) and max(drawn) <= hi and max(drawn) - min(drawn) > 0.8 * (hi - lo)
     spec = copy.deepcopy(world.spec)
     spec["layout"].pop("rotation", None)
-    whole = [World(spec).random_scene(rng, ("square", "red", "blue")).rotation for _ in range(200)]
+    unbounded = World(spec)
+    whole = [unbounded.random_scene(rng, ("square", "red", "blue")).rotation for _ in range(200)]
     assert 0.0 <= min(whole) < 20.0 and 340.0 < max(whole) < 360.0
 
 
